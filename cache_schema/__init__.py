@@ -1,0 +1,16 @@
+"""The on-disk contract between stage 1 and stage 2. Depends on numpy, zarr, h5py and Pillow only."""
+from cache_schema.arrays import ArraySpec
+from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, MissingRowsError,
+                                 PartialCacheError, SchemaVersionError)
+from cache_schema.fingerprint import differing_fields, fingerprint
+from cache_schema.quantize import dequantize_int8, quantize_int8
+from cache_schema.store import (SCHEMA_VERSION, AgentCache, CacheReader, SegmentWriter, cache_dir, list_caches,
+                                read_json, select_cache, verify, with_schema)
+from cache_schema.views import ViewSpec, apply_view, view_params
+
+__all__ = [
+    "ArraySpec", "CacheError", "CorruptCacheError", "FingerprintMismatch", "MissingRowsError", "PartialCacheError",
+    "SchemaVersionError", "differing_fields", "fingerprint", "dequantize_int8", "quantize_int8", "SCHEMA_VERSION",
+    "AgentCache", "CacheReader", "SegmentWriter", "cache_dir", "list_caches", "read_json", "select_cache", "verify",
+    "with_schema", "ViewSpec", "apply_view", "view_params",
+]

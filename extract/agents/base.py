@@ -1,0 +1,84 @@
+"""What an agent is: a registry entry saying how to load it and what it emits.
+
+Each module in `extract/agents/` (one per agent) defines `SPEC = AgentSpec(...)`. The runtime object returned by
+`SPEC.load(request)` follows the protocol of its family (`extract.families.<family>`), so the runner never
+branches on agent names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+FAMILIES = ("vision", "language", "t2i", "i2t")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the real weights come from: a hub id (+ optional pinned revision) or a local path."""
+
+    hub_id: str | None = None
+    revision: str | None = None
+    local_path: str | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.local_path is not None:
+            return f"local:{self.local_path}"
+        if self.hub_id is None:
+            return self.note or "-"
+        return self.hub_id + (f"@{self.revision}" if self.revision else "")
+
+
+@dataclass(frozen=True)
+class StudentInfo:
+    """What agents must know about the student: its open_clip model (for text encoding) and its token grid."""
+
+    model: str
+    pretrained: str | None
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class LoadRequest:
+    """Everything `AgentSpec.load` may use. `tiny=True` builds the tiny random config locally (no network)."""
+
+    tiny: bool
+    student: StudentInfo
+    device: str = "cpu"
+    dtype: str = "float32"             # compute dtype for the agent ("float16" on GPU for large agents)
+    source: Source | None = None       # overrides SPEC.source (e.g. a local path given on the command line)
+    options: dict[str, Any] = field(default_factory=dict)  # agent-specific (e.g. descriptions file for gpt3)
+    seed: int = 0                      # seeds tiny random weights
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    family: str                        # one of FAMILIES
+    source: Source
+    preprocessing: dict                # every input detail that changes numbers; hashed into the fingerprint
+    emits: tuple[str, ...]             # array names written to the cache
+    load: Callable[[LoadRequest], Any] # -> runtime object following the family protocol
+    tiny_config: dict = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"agent {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+
+    def fingerprint_fields(self, tiny: bool) -> dict:
+        """The agent part of a cache fingerprint (plain JSON data)."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "source": "tiny-random" if tiny else self.source.describe(),
+            "preprocessing": self.preprocessing,
+            "tiny_config": self.tiny_config if tiny else None,
+        }

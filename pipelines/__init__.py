@@ -1,0 +1,1 @@
+"""Wiring: datasets, protocols, presets and the `transagent` click CLI over `extract/` and `distill/`."""

@@ -1,0 +1,4 @@
+from pipelines.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Options shared by several sub-commands: one spelling, one meaning, one default."""
+import os
+from pathlib import Path
+
+import click
+
+
+def _path_option(flag, env, default, help_text):
+    return click.option(flag, type=click.Path(path_type=Path), default=lambda: os.environ.get(env, default),
+                        show_default=f"${env} or {default}", help=help_text)
+
+
+dataset = click.option("--dataset", default="eurosat", show_default=True, help="Dataset name (`transagent datasets ls`).")
+data_root = _path_option("--data-root", "TRANSAGENT_DATA", "data", "Root holding the datasets.")
+cache_root = _path_option("--cache-root", "TRANSAGENT_CACHE", "cache", "Root holding teacher caches.")
+runs_root = _path_option("--runs-root", "TRANSAGENT_RUNS", "runs", "Root holding distillation runs.")
+preset = click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
+                      help="Model zoo: the paper's models, or tiny random models that run offline on CPU.")
+agents = click.option("--agents", default="all", show_default=True,
+                      help="Comma-separated agent subset of the preset, 'all', or 'none'.")
+protocol = click.option("--protocol", type=click.Choice(["base2novel", "fewshot", "cross", "dg", "all"]),
+                        default="base2novel", show_default=True)
+shots = click.option("--shots", type=int, default=16, show_default=True, help="Training images per class.")
+
+
+def _parse_seeds(ctx, param, value):
+    try:
+        seeds = [int(s) for s in str(value).replace(" ", ",").split(",") if s]
+    except ValueError:
+        raise click.BadParameter(f"expected integers like '1,2,3', got {value!r}")
+    if not seeds:
+        raise click.BadParameter("at least one seed is needed")
+    return seeds
+
+
+seeds = click.option("--seeds", default="1", show_default=True, callback=_parse_seeds,
+                     help="Comma-separated seeds, e.g. 1,2,3.")

@@ -1,0 +1,44 @@
+"""Model zoos. `paper` = the models of the paper; `tiny` = random tiny models built locally (offline, CPU).
+
+A preset names the student and, per agent, whether the agent's tiny config or its real source is used. The
+agents themselves are registry entries in `extract.agents`; this file only says which flavour to build.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    model: str               # open_clip architecture name
+    pretrained: str | None   # open_clip pretrained tag or checkpoint path; None = random init (seeded)
+    image_size: int
+    patch_size: int
+    width: int               # vision transformer width = token dimension
+    layers: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+PRESETS = {
+    "paper": StudentSpec("ViT-B-16", "openai", image_size=224, patch_size=16, width=768, layers=12),
+    "tiny": StudentSpec("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3),
+}
+
+
+def student_spec(preset: str) -> StudentSpec:
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}") from None
+
+
+def register_model_configs() -> None:
+    """Make the tiny open_clip config known to open_clip (idempotent)."""
+    import open_clip
+
+    if "TransAgent-Tiny-CLIP" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
