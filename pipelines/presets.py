@@ -42,3 +42,21 @@ def register_model_configs() -> None:
 
     if "TransAgent-Tiny-CLIP" not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+# The paper's agents, in a fixed order (gate inputs are concatenated in this order). Stage 2 resolves `--agents all`
+# from this list so that it never imports `extract`; a test keeps it equal to the extract registry.
+AGENTS = ("dino", "mae", "sam", "vitdet", "gpt3", "vicuna", "bert", "sd", "pixart", "blip2", "shikra")
+
+
+def resolve_agents(names: str | None, known=AGENTS) -> list[str]:
+    """'all' | 'none' | 'a,b' -> agent names in registry order; unknown names are an error listing the known."""
+    if names in (None, "", "all"):
+        return list(known)
+    if names == "none":
+        return []
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise ValueError(f"unknown agent(s) {', '.join(unknown)}; known agents: {', '.join(known)}")
+    return [name for name in known if name in chosen]

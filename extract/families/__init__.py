@@ -6,7 +6,8 @@ A family module exposes:
     compute(runtime, rows, ctx) -> dict[str, ndarray]   one batch of rows, arrays [len(rows), *row_shape]
     fingerprint_fields(ctx) -> dict                    the parts of the context that change this family's numbers
     extra_files(runtime, ctx) -> dict[str, bytes]       files stored beside the arrays (e.g. descriptions.json)
-The runner calls only these, so it never branches on agent names.
+The runner calls only these, so it never branches on agent names. Family and agent modules import torch and
+model libraries inside functions only: a complete cache must be recognised without importing them.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class ExtractContext:
     classnames: list[str]              # the class set, in label order (t2i: the set the scores softmax over)
     template: str                      # dataset prompt template with one "{}", e.g. "a photo of a {}."
     student: StudentInfo
+    split_hash: str = ""               # sha256 of the split file: the identity of the keys
     class_set: str = "all"             # "base" | "all" ... (name of the class set; t2i fingerprints it)
     views: int = 4                     # views per image for vision agents (view 0 = un-augmented)
     view_spec: ViewSpec = field(default_factory=ViewSpec)

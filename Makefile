@@ -1,0 +1,53 @@
+# TransAgent-Cache. Every target is a thin wrapper over the `transagent` CLI (python -m pipelines).
+PYTHON_BOOTSTRAP ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TRANSAGENT := $(PY) -m pipelines
+
+DATASET ?= eurosat
+PROTOCOL ?= base2novel
+SHOTS ?= 16
+SEEDS ?= 1
+AGENTS ?= all
+PRESET ?= paper
+GPUS ?= 1
+EXTRACT_PROTOCOL = $(if $(filter fewshot cross,$(PROTOCOL)),fewshot,base2novel)
+SEEDS_CSV = $(subst $(eval) ,$(comma),$(strip $(SEEDS)))
+comma := ,
+
+.PHONY: help install demo extract distill test report
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the package with [dev]
+
+demo: install  ## synthetic dataset + tiny agents on CPU: extract, distill base2novel, print base/novel/HM
+	$(TRANSAGENT) extract --dataset synthetic --preset tiny --data-root data --cache-root cache --seeds 1
+	$(TRANSAGENT) distill --dataset synthetic --preset tiny --data-root data --cache-root cache --runs-root runs \
+		--seeds 1 --epochs 10 --eval-initial
+
+extract: install  ## stage 1: the paper's agents on DATASET (GPU; downloads models on first use)
+ifeq ($(GPUS),1)
+	$(TRANSAGENT) extract --dataset $(DATASET) --preset $(PRESET) --agents $(AGENTS) \
+		--protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS) --seeds $(SEEDS_CSV)
+else
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(GPUS) -m pipelines extract --dataset $(DATASET) \
+		--preset $(PRESET) --agents $(AGENTS) --protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS) --seeds $(SEEDS_CSV)
+endif
+
+distill: install  ## stage 2: prompts + gates on the caches (PROTOCOL, SHOTS, SEEDS)
+	$(TRANSAGENT) distill --dataset $(DATASET) --preset $(PRESET) --agents $(AGENTS) --protocol $(PROTOCOL) \
+		--shots $(SHOTS) --seeds $(SEEDS_CSV)
+
+report: install  ## results tables (markdown + CSV) and plots from runs/
+	$(TRANSAGENT) report runs
+
+test: install  ## the fast test suite
+	$(PY) -m pytest -m "not slow" -q

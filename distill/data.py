@@ -1,0 +1,195 @@
+"""Stage-2 inputs: the student's pixels (rebuilt from cached view parameters) and teacher rows gathered by key.
+
+Teacher caches are opened once per run. Large token arrays stay memory-mapped; class features and score vectors
+are loaded into RAM. Rows are looked up by (key, view id) - never by position in a batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache_schema import CacheReader, MissingRowsError, ViewSpec, apply_view, dequantize_int8, select_cache, view_params
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TeacherBank:
+    """The caches of one run, by family. `classnames` is the training class set, in label order."""
+
+    classnames: list[str]
+    vision: dict[str, CacheReader] = field(default_factory=dict)
+    language: dict[str, np.ndarray] = field(default_factory=dict)   # gpt3/vicuna: [C, D] in the student's space
+    relational: dict[str, np.ndarray] = field(default_factory=dict)  # bert: [C, d] in its own space
+    multimodal: dict[str, tuple[CacheReader, np.ndarray | None]] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def agents(self) -> list[str]:
+        return [*self.vision, *self.language, *self.relational, *self.multimodal]
+
+    @property
+    def view_spec(self) -> ViewSpec | None:
+        for reader in self.vision.values():
+            return ViewSpec.from_dict(reader.manifest["fields"]["family"]["view_spec"])
+        return None
+
+    # ------------------------------------------------------------------ checks
+    def check_rows(self, keys: list[str], views: int, hint: str = "") -> None:
+        """Fail before training if any teacher lacks a row the run will ask for."""
+        for name, reader in self.vision.items():
+            self._check(name, reader, [(key, view) for key in keys for view in range(views)], hint)
+        for name, (reader, _) in self.multimodal.items():
+            self._check(name, reader, [(key, 0) for key in keys], hint)
+
+    @staticmethod
+    def _check(name, reader, rows, hint):
+        missing = reader.missing(rows)
+        if missing:
+            keys = sorted({key for key, _ in missing})
+            raise MissingRowsError(
+                f"agent {name!r}: {len(missing)} cached row(s) missing for {len(keys)} image(s), e.g. "
+                f"{', '.join(keys[:3])}" + (f"\n  fill them with: {hint}" if hint else ""), name, missing)
+
+    def available_views(self) -> int | None:
+        """Views present for every vision agent (None without vision agents)."""
+        counts = [1 + max(view for _, view in reader.rows) for reader in self.vision.values() if reader.rows]
+        return min(counts) if counts else None
+
+    # ------------------------------------------------------------------ batches
+    def vision_batch(self, keys: list[str], views: list[int]) -> tuple[dict, dict]:
+        """tokens {agent: float32 [B, L, T, D]} and token means {agent: float32 [B, L, D]}."""
+        rows = list(zip(keys, views))
+        tokens, means = {}, {}
+        for name, reader in self.vision.items():
+            values = reader.read("tokens", rows)
+            if "tokens_scale" in reader.arrays:
+                values = dequantize_int8(values, reader.read("tokens_scale", rows))
+            tokens[name] = values.astype(np.float32, copy=False)
+            means[name] = reader.read("token_mean", rows).astype(np.float32, copy=False)
+        return tokens, means
+
+    def cached_view(self, key: str, view: int) -> np.ndarray | None:
+        for reader in self.vision.values():
+            return reader.read("views", [(key, view)])[0]
+        return None
+
+    def multimodal_batch(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """{agent: float32 [B, C]}: t2i scores averaged over resolutions, i2t scores sliced to the class set."""
+        rows = [(key, 0) for key in keys]
+        out = {}
+        for name, (reader, columns) in self.multimodal.items():
+            scores = reader.read("scores", rows).astype(np.float32)
+            if scores.ndim == 3:  # t2i: [B, R_res, C]
+                scores = scores.mean(axis=1)
+            out[name] = scores if columns is None else scores[:, columns]
+        return out
+
+
+def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], classnames: list[str],
+                  class_set: str, pins: dict[str, str] | None = None, hint: str = "") -> TeacherBank:
+    """Find and open the cache of every agent, checking it belongs to this dataset, split and class set."""
+    pins = pins or {}
+    bank = TeacherBank(list(classnames))
+    for name in agents:
+        required = {"dataset": {"name": dataset, "split_hash": split_hash}}
+        path = _locate(cache_root, dataset, name, required, pins.get(name), hint, class_set)
+        reader = CacheReader(path)
+        family = reader.manifest["fields"]["agent"]["family"]
+        cached_classes = reader.manifest["fields"]["family"].get("classnames")
+        bank.paths[name] = str(path)
+        if family == "vision":
+            bank.vision[name] = reader
+        elif family == "language":
+            features = reader.read("class_features", [(c, 0) for c in _check_classes(name, classnames, reader)])
+            target = bank.relational if name == "bert" or _own_space(reader) else bank.language
+            target[name] = features.astype(np.float32)
+        elif family == "t2i":
+            if list(cached_classes) != list(classnames):
+                raise MissingRowsError(f"agent {name!r}: its cache scores classes {cached_classes}, this run trains "
+                                       f"on {classnames}; extract the {class_set!r} class set" +
+                                       (f"\n  fill it with: {hint}" if hint else ""), name, [])
+            bank.multimodal[name] = (reader, None)
+        elif family == "i2t":
+            bank.multimodal[name] = (reader, np.array([cached_classes.index(c) for c in
+                                                       _check_classes(name, classnames, reader, cached_classes)]))
+        else:
+            raise ValueError(f"agent {name!r}: unknown family {family!r} in {path}")
+    return bank
+
+
+def _own_space(reader: CacheReader) -> bool:
+    """Language features in an encoder's own space (not the student's) feed L_REL, not L_LAC."""
+    return bool(reader.manifest["fields"]["family"].get("own_space", False))
+
+
+def _check_classes(name, classnames, reader, cached=None):
+    cached = cached if cached is not None else [key for key, _ in reader.rows]
+    missing = [c for c in classnames if c not in cached]
+    if missing:
+        raise MissingRowsError(f"agent {name!r}: cache {reader.path} has no entry for classes {missing}", name,
+                               [(c, 0) for c in missing])
+    return classnames
+
+
+def _locate(cache_root, dataset, name, required, pin, hint, class_set):
+    if pin:
+        path = Path(cache_root) / dataset / name / pin
+        if not path.exists():
+            raise FileNotFoundError(f"pinned cache {path} does not exist")
+        return path
+    try:
+        return select_cache(cache_root, dataset, name, required, hint)
+    except Exception as error:
+        # t2i agents keep one cache per class set: choose by class set when several match
+        from cache_schema import CacheError, list_caches
+
+        if not isinstance(error, CacheError) or "several complete caches" not in str(error):
+            raise
+        matches = [path for path, manifest in list_caches(cache_root, dataset, name)
+                   if manifest.get("status") == "complete"
+                   and manifest["fields"]["family"].get("class_set") == class_set
+                   and manifest["fields"]["dataset"] == {**manifest["fields"]["dataset"], **required["dataset"]}]
+        if len(matches) == 1:
+            return matches[0]
+        raise
+
+
+def load_image(image_root, key: str):
+    from PIL import Image
+
+    path = Path(image_root) / key
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise OSError(f"cannot read image {path}: {error}") from None
+
+
+def student_pixels(image, params, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """[3, size, size] float32, the student's normalised input for one view."""
+    view = np.asarray(apply_view(image, params, size), dtype=np.float32) / 255.0
+    return ((view - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)).transpose(2, 0, 1)
+
+
+class ViewImages:
+    """A map-style dataset over (key, view id, label) triples: the student's pixels for each, as a tensor."""
+
+    def __init__(self, image_root, items: list[tuple[str, int, int]], size: int, view_spec: ViewSpec,
+                 mean=CLIP_MEAN, std=CLIP_STD):
+        self.image_root, self.items, self.size, self.view_spec = image_root, items, size, view_spec
+        self.mean, self.std = mean, std
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        import torch
+
+        key, view, label = self.items[index]
+        image = load_image(self.image_root, key)
+        params = view_params(key, view, image.width, image.height, self.view_spec)
+        return torch.from_numpy(student_pixels(image, params, self.size, self.mean, self.std)), label, index

@@ -1,0 +1,272 @@
+"""Stage-2 losses (DESIGN §6, reference §6). Pure functions of tensors (and the gates that fuse the agents).
+
+    L = CE + λ_VAC·L_VAC + λ_LAC·L_LAC + λ_REL·L_REL + λ_MAC·L_MAC,   λ = (1, 25, 1, 1), T = 1
+
+Choices (the README repeats them):
+
+* L_VAC: sum over student layers (not mean, as official) of L1(student tokens, normalise(gated agent tokens)).
+  Agents with another block count are mapped by `agent_layer_map`.
+* L_LAC: the gated language target is re-normalised by default. With the MLP gate the target is a convex
+  combination of unit class features, so its norm is below 1 wherever gpt3 and vicuna disagree, and a unit-norm
+  student can never reach it; re-normalising keeps the target on the student's sphere, as L_VAC does.
+  `renormalize_language=False` gives the official form (which, with its mean over agents, has norm <= 0.5).
+* L_REL: L1 between the cosine class-similarity matrices of the student text features and of the bert class
+  features, each in its own space, so no projection is needed.
+* L_MAC: T²·KL(softmax(S_A/T) || softmax(S_P/T)) with `batchmean` reduction (sum over classes, mean over
+  images: the KL per image, averaged), where S_A = Σ_k w_k z_k, z_k = each agent's scores standardised per image
+  across classes, and S_P = the student's class logits. The official code divided the summed KL by B·C instead
+  and used a class-independent student score that gives the prompts no gradient: `official_mac_student_score`
+  reproduces that score so a test can show it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ----- CE -----
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the student's logits [B, C] (logit_scale·cos)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+# ----- vision: L_VAC -----
+
+
+def agent_layer_map(student_layers: int, agent_layers: int) -> list[int]:
+    """0-based agent layer for each student layer: round((l+1)·La/Ls) − 1, rounding halves up, clamped at 0.
+
+    Equal counts give the identity; 3 student layers over 12 agent layers give [3, 7, 11].
+    """
+    if student_layers < 1 or agent_layers < 1:
+        raise ValueError(f"layer counts must be >= 1, got student {student_layers}, agent {agent_layers}")
+    # floor(x + 1/2) in integers: x = (l+1)·La/Ls
+    return [max(0, (2 * (l + 1) * agent_layers + student_layers) // (2 * student_layers) - 1)
+            for l in range(student_layers)]
+
+
+def vac_loss(student_tokens: torch.Tensor, agent_tokens: Sequence[torch.Tensor], gates: Sequence,
+             agent_token_means: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_l L1(student tokens of layer l, normalise(gated agent tokens of the mapped agent layer)).
+
+    student_tokens: [Ls, B, T, D], L2-normalised per token (Student.encode_image).
+    agent_tokens: K tensors [B, La, T, D] (the cached, normalised agent tokens; all agents share La).
+    gates: Ls gates, one per student layer (GateSet.vision).
+    agent_token_means: K tensors [B, La, D], the gate inputs; computed from agent_tokens when None.
+    Returns (loss, weights [Ls, B, K]).
+    """
+    if student_tokens.dim() != 4:
+        raise ValueError(f"student tokens must be [layers, B, T, D], got {tuple(student_tokens.shape)}")
+    num_layers, batch, tokens, dim = student_tokens.shape
+    if len(gates) != num_layers:
+        raise ValueError(f"{len(gates)} vision gates for {num_layers} student layers")
+    if not agent_tokens:
+        raise ValueError("L_VAC needs at least one vision agent")
+    agent_layers = agent_tokens[0].shape[1] if agent_tokens[0].dim() == 4 else None
+    for k, x in enumerate(agent_tokens):
+        if x.dim() != 4 or x.shape[0] != batch or tuple(x.shape[2:]) != (tokens, dim) or x.shape[1] != agent_layers:
+            raise ValueError(f"vision agent {k} tokens {tuple(x.shape)} do not match the student: expected "
+                             f"[B={batch}, La, T={tokens}, D={dim}] with one La for all agents "
+                             f"(student tokens {tuple(student_tokens.shape)}); extract agents on the student's "
+                             "grid and width")
+    if agent_token_means is None:
+        agent_token_means = [x.mean(dim=2) for x in agent_tokens]
+    elif len(agent_token_means) != len(agent_tokens):
+        raise ValueError(f"{len(agent_token_means)} token-mean arrays for {len(agent_tokens)} vision agents")
+
+    total, weights = student_tokens.new_zeros((), dtype=torch.float32), []
+    for layer, agent_layer in enumerate(agent_layer_map(num_layers, agent_layers)):
+        gate_input = torch.cat([m[:, agent_layer] for m in agent_token_means], dim=-1)
+        fused, w = gates[layer](gate_input, [x[:, agent_layer] for x in agent_tokens])
+        target = F.normalize(fused.float(), dim=-1)
+        total = total + F.l1_loss(student_tokens[layer].float(), target)
+        weights.append(w)
+    return total, torch.stack(weights)
+
+
+# ----- language: L_LAC and L_REL -----
+
+
+def lac_loss(text_features: torch.Tensor, agent_features: Sequence[torch.Tensor], gate,
+             renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1(normalised student text features [C, E], gated language-agent class features [C, E]).
+
+    agent_features: K tensors [C, E] in the student's text space (gpt3, vicuna: CLIP text features); each is
+    L2-normalised here (a no-op for the cache's unit vectors). Returns (loss, weights [C, K]).
+    """
+    student = F.normalize(text_features.float(), dim=-1)
+    if not agent_features:
+        raise ValueError("L_LAC needs at least one language agent")
+    for k, x in enumerate(agent_features):
+        if tuple(x.shape) != tuple(student.shape):
+            raise ValueError(f"language agent {k} features {tuple(x.shape)} != student text features "
+                             f"{tuple(student.shape)} (same classes, same text space expected)")
+    agents = [F.normalize(x.float(), dim=-1) for x in agent_features]
+    fused, weights = gate(torch.cat(agents, dim=-1), agents)
+    target = F.normalize(fused, dim=-1) if renormalize else fused
+    return F.l1_loss(student, target), weights
+
+
+def class_similarity(features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity matrix [C, C] of class features [C, D]."""
+    features = F.normalize(features.float(), dim=-1)
+    return features @ features.T
+
+
+def rel_loss(text_features: torch.Tensor, bert_features: torch.Tensor) -> torch.Tensor:
+    """L1(student class-similarity matrix, bert class-similarity matrix); each in its own feature space."""
+    if text_features.dim() != 2 or bert_features.dim() != 2 or text_features.shape[0] != bert_features.shape[0]:
+        raise ValueError(f"L_REL needs [C, D] student and [C, d] bert class features with the same C, got "
+                         f"{tuple(text_features.shape)} and {tuple(bert_features.shape)}")
+    return F.l1_loss(class_similarity(text_features), class_similarity(bert_features))
+
+
+# ----- multi-modal: L_MAC -----
+
+
+def standardize_scores(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-image scores standardised across classes (mean 0, std 1). [B, C], or [B, R, C] (R resolutions of a
+    t2i agent, averaged first as the official code did)."""
+    if scores.dim() == 3:
+        scores = scores.float().mean(dim=1)
+    if scores.dim() != 2:
+        raise ValueError(f"agent scores must be [B, C] or [B, R, C], got {tuple(scores.shape)}")
+    scores = scores.float()
+    mean = scores.mean(dim=-1, keepdim=True)
+    std = scores.std(dim=-1, unbiased=False, keepdim=True).clamp_min(eps)
+    return (scores - mean) / std
+
+
+def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) || softmax(student/T)), summed over classes, averaged over rows (batchmean)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1),
+                    F.log_softmax(teacher_logits.float() / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def mac_loss(student_logits: torch.Tensor, agent_scores: Sequence[torch.Tensor], gate,
+             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """T²·KL(softmax(S_A/T) || softmax(S_P/T)); S_A = Σ_k w_k z_k from the standardised agent scores z_k.
+
+    student_logits: S_P [B, C] (the same logits CE uses). agent_scores: K tensors [B, C] or [B, R, C].
+    gate: the multimodal gate (input = concat of the z_k, [B, K·C]). Returns (loss, weights [B, K]).
+    """
+    if student_logits.dim() != 2:
+        raise ValueError(f"student logits must be [B, C], got {tuple(student_logits.shape)}")
+    if not agent_scores:
+        raise ValueError("L_MAC needs at least one multimodal agent")
+    z = [standardize_scores(s) for s in agent_scores]
+    for k, zk in enumerate(z):
+        if tuple(zk.shape) != tuple(student_logits.shape):
+            raise ValueError(f"multimodal agent {k} scores {tuple(agent_scores[k].shape)} do not match the "
+                             f"student logits {tuple(student_logits.shape)} (same images, same class set)")
+    teacher, weights = gate(torch.cat(z, dim=-1), z)
+    return kd_kl(teacher, student_logits, temperature), weights
+
+
+def official_mac_student_score(text_prompt: torch.Tensor, vision_prompt: torch.Tensor, ln_final, text_projection,
+                               ln_post, visual_proj, logit_scale: torch.Tensor | float, batch_size: int,
+                               num_classes: int) -> torch.Tensor:
+    """The official MAC student score [B, C] (reference §6.3): the last deep text / vision prompts [n_ctx, W]
+    through the frozen final norms and projections, logit_scale·cos per context position, mean over positions,
+    broadcast to every image and class. It is one scalar, so softmax(S) is uniform and KL gives the prompts no
+    gradient."""
+    t = ln_final(text_prompt)
+    t = text_projection(t) if isinstance(text_projection, torch.nn.Module) else t @ text_projection
+    v = ln_post(vision_prompt) @ visual_proj
+    score = (logit_scale * (F.normalize(v, dim=-1) * F.normalize(t, dim=-1)).sum(dim=-1)).mean()
+    return score.reshape(1, 1).expand(batch_size, num_classes)
+
+
+# ----- everything together -----
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    vac: float = 1.0
+    lac: float = 25.0
+    rel: float = 1.0
+    mac: float = 1.0
+    temperature: float = 1.0
+    renormalize_language: bool = True
+
+
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights = LossWeights(),
+                 student_tokens: torch.Tensor | None = None,
+                 vision_tokens: Mapping[str, torch.Tensor] | None = None,
+                 vision_token_means: Mapping[str, torch.Tensor] | None = None,
+                 text_features: torch.Tensor | None = None,
+                 language_features: Mapping[str, torch.Tensor] | None = None,
+                 bert_features: torch.Tensor | None = None,
+                 mm_scores: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """CE + the weighted agent terms whose inputs are given and whose λ is non-zero.
+
+    Agent inputs are keyed by agent name and fused in the gate set's agent order. Returns the total (a tensor to
+    backpropagate) and a dict of floats for logging: every computed term ("ce", "vac", "lac", "rel", "mac",
+    "total", unweighted except "total") and the mean gate weight per agent ("gate/<modality>/<agent>").
+    """
+    terms = {"ce": ce_loss(logits, labels)}
+    total = terms["ce"]
+    gate_weights: dict[str, torch.Tensor] = {}
+
+    def ordered(inputs: Mapping[str, torch.Tensor], names: Sequence[str], modality: str) -> list[torch.Tensor]:
+        missing = [n for n in names if n not in inputs]
+        if missing or len(inputs) != len(names):
+            raise ValueError(f"{modality} gates were built for agents {list(names)}, got inputs for "
+                             f"{sorted(inputs)}")
+        return [inputs[n] for n in names]
+
+    def record(modality: str, names: Sequence[str], w: torch.Tensor) -> None:
+        per_agent = w.detach().float().reshape(-1, len(names)).mean(dim=0)
+        for name, value in zip(names, per_agent):
+            gate_weights[f"gate/{modality}/{name}"] = value
+
+    if vision_tokens and weights.vac:
+        if student_tokens is None:
+            raise ValueError("L_VAC needs student_tokens (Student.encode_image(..., return_tokens=True))")
+        names = _require_gates(gates, "vision").vision_agents
+        means = ordered(vision_token_means, names, "vision") if vision_token_means is not None else None
+        terms["vac"], w = vac_loss(student_tokens, ordered(vision_tokens, names, "vision"), gates.vision, means)
+        total = total + weights.vac * terms["vac"]
+        record("vision", names, w)
+    if language_features and weights.lac:
+        _require_text(text_features, "L_LAC")
+        names = _require_gates(gates, "language").language_agents
+        terms["lac"], w = lac_loss(text_features, ordered(language_features, names, "language"), gates.language,
+                                   renormalize=weights.renormalize_language)
+        total = total + weights.lac * terms["lac"]
+        record("language", names, w)
+    if bert_features is not None and weights.rel:
+        _require_text(text_features, "L_REL")
+        terms["rel"] = rel_loss(text_features, bert_features)
+        total = total + weights.rel * terms["rel"]
+    if mm_scores and weights.mac:
+        names = _require_gates(gates, "multimodal").multimodal_agents
+        terms["mac"], w = mac_loss(logits, ordered(mm_scores, names, "multimodal"), gates.multimodal,
+                                   weights.temperature)
+        total = total + weights.mac * terms["mac"]
+        record("multimodal", names, w)
+
+    terms["total"] = total
+    logged = {**terms, **gate_weights}
+    values = torch.stack([v.detach().float().reshape(()) for v in logged.values()]).tolist()  # one device sync
+    return total, dict(zip(logged, values))
+
+
+def _require_gates(gates, modality: str):
+    has = {"vision": lambda g: len(g.vision) > 0, "language": lambda g: g.language is not None,
+           "multimodal": lambda g: g.multimodal is not None}[modality]
+    if gates is None or not has(gates):
+        raise ValueError(f"{modality} agent inputs were given but there is no {modality} gate "
+                         "(build_gates(..., " + f"{modality}_agents=[...]))")
+    return gates
+
+
+def _require_text(text_features, term: str) -> None:
+    if text_features is None:
+        raise ValueError(f"{term} needs the student's text_features (Student.encode_text)")

@@ -1,0 +1,63 @@
+"""MAE ViT-B/16 (masked autoencoder, He et al. 2022), run unmasked and unshuffled so its output is deterministic.
+
+transformers' ViTMAEModel always shuffles patches by argsort(noise) and keeps (1 - mask_ratio) of them. With
+mask_ratio 0 and noise = 0, 1, 2, ... every patch is kept in raster order, whatever the RNG state."""
+from __future__ import annotations
+
+from extract.agents._loading import from_pretrained, resolved_source, seeded
+from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.families.vision import IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
+
+SOURCE = Source(hub_id="facebook/vit-mae-base")
+TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256,
+               "image_size": 32, "patch_size": 8, "qkv_bias": True, "layer_norm_eps": 1e-6}
+
+
+class MaeRuntime(VisionRuntime):
+    def __init__(self, model, student, **kwargs):
+        if model.config.mask_ratio != 0.0:
+            raise ValueError(f"MAE must run unmasked (mask_ratio 0), got {model.config.mask_ratio}")
+        super().__init__(model, student, **kwargs)
+
+    def block_outputs(self, pixels):
+        import torch
+
+        patch = self.model.config.patch_size
+        patches = (pixels.shape[2] // patch) * (pixels.shape[3] // patch)
+        identity_order = torch.arange(patches, device=pixels.device, dtype=torch.float32).expand(len(pixels), -1)
+        out = self.model(pixel_values=pixels, noise=identity_order, output_hidden_states=True,
+                         interpolate_pos_encoding=True)
+        return vit_token_grids(out.hidden_states)
+
+
+def load(request: LoadRequest) -> MaeRuntime:
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    source = request.source or SOURCE
+    if request.tiny:
+        with seeded(request.seed):
+            model = ViTMAEModel(ViTMAEConfig(**TINY_CONFIG, mask_ratio=0.0))
+        source_record = {"source": "tiny-random", "seed": request.seed}
+    else:
+        model = from_pretrained(ViTMAEModel.from_pretrained, source, "mae", mask_ratio=0.0)
+        source_record = resolved_source(source, model.config)
+    return MaeRuntime(model, request.student, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=request.device,
+                      dtype=request.dtype, source=source_record)
+
+
+SPEC = AgentSpec(
+    name="mae",
+    family="vision",
+    source=SOURCE,
+    preprocessing={
+        "value_range": [0, 1], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "resolution": "student image size; position embeddings bicubic-interpolated if the grid differs",
+        "masking": "none: mask_ratio 0, identity noise (every patch, raster order)",
+        "tokens": "every block output, no final norm, CLS dropped, L2-normalised per token",
+        "grid": "bilinear (antialiased) resample to the student grid if the agent grid differs",
+    },
+    emits=("tokens", "token_mean", "views", "tokens_scale"),
+    load=load,
+    tiny_config=TINY_CONFIG,
+    description="MAE ViT-B/16 encoder patch tokens of every block, unmasked (transformers ViTMAEModel)",
+)

@@ -1,0 +1,225 @@
+"""Text-to-image agents (SD, PixArt-α): how strongly each class token is attended to, per image.
+
+One un-augmented image (view 0) at the agent's resolution goes through the VAE (input in [-1, 1]; the official
+code fed [-3, 1]); the denoiser runs once at t = 1 without noise, with the C class vectors as its C context tokens.
+Attention processors on the selected cross-attention layers record softmax(q kᵀ · attn.scale) over the class
+tokens (attn.scale = 1/√d_head for both models; the official PixArt code left it out), head-averaged: [B, HW, C].
+Maps are averaged within each spatial resolution and reduced by LogSumExp over space, giving scores [R_res, C] per
+image, smallest resolution first (SD at 512 px: 16², 32², 64² latent positions; PixArt: its one 32² grid).
+Self-attention maps are never kept (reference §10 row 20).
+
+The softmax runs over the class set in the context, so the scores depend on that set: the class names, the class
+set's name and the prompt template are part of the fingerprint, and each class set (base, all) has its own cache.
+
+Heavy imports (torch, diffusers) stay inside functions: the agent registry imports this module at CLI start-up.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cache_schema.arrays import ArraySpec
+from cache_schema.views import apply_view, view_params
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Family protocol (see extract/families/__init__.py)
+
+def rows(ctx) -> list[tuple[str, int]]:
+    """T2I agents see only the un-augmented view."""
+    return [(key, 0) for key in ctx.keys]
+
+
+def arrays(runtime, ctx) -> dict[str, ArraySpec]:
+    return {"scores": ArraySpec((len(runtime.resolutions), len(ctx.classnames)), "float32")}
+
+
+def fingerprint_fields(ctx) -> dict:
+    # The scores softmax over the class set, so the set itself changes every number.
+    return {"classnames": list(ctx.classnames), "class_set": ctx.class_set, "template": ctx.template, "view": 0}
+
+
+def extra_files(runtime, ctx) -> dict[str, bytes]:
+    return {}
+
+
+def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
+    """Scores [len(rows), R_res, C] float32 for one batch of (key, 0) rows."""
+    keys = [key for key, _ in rows]
+    if any(view != 0 for _, view in rows):
+        raise ValueError(f"t2i agents only compute view 0, got rows {[r for r in rows if r[1] != 0][:3]}")
+    class_tokens = runtime.class_tokens(class_prompts(ctx.template, ctx.classnames))
+    pixels = view0_pixels(ctx, keys, runtime.image_size)
+    return {"scores": runtime.scores(pixels, class_tokens).cpu().numpy().astype(np.float32)}
+
+
+def class_prompts(template: str, classnames) -> list[str]:
+    if "{}" not in template:
+        raise ValueError(f"prompt template must contain '{{}}' for the class name, got {template!r}")
+    return [template.format(name) for name in classnames]
+
+
+def view0_pixels(ctx, keys, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """View 0 of each image at size x size, normalised: float tensor [B, 3, size, size]. The default mean/std map
+    [0, 1] to [-1, 1], the VAE's input range."""
+    import torch
+    from PIL import Image
+
+    batch = []
+    for key in keys:
+        with Image.open(ctx.image_path(key)) as image:
+            image = image.convert("RGB")
+            view = apply_view(image, view_params(key, 0, image.width, image.height, ctx.view_spec), size)
+        batch.append(np.asarray(view, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return torch.from_numpy((np.stack(batch) - mean) / std)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention capture
+
+class CrossAttentionCapture:
+    """A diffusers attention processor: diffusers' `AttnProcessor` that also records the attention probabilities.
+
+    It stores the head-averaged probabilities [B, query tokens, C] (float32) under its layer name in `store`. The
+    layer's output is computed exactly as `AttnProcessor` does, so the denoiser's forward pass is unchanged.
+    """
+
+    def __init__(self, store: dict, name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        import torch
+
+        if encoder_hidden_states is None:
+            raise RuntimeError(f"{self.name}: capture is only for cross-attention layers, this one got no context")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, key_tokens, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+
+        probs = attn.get_attention_scores(query, key, attention_mask)  # softmax over the C keys, scaled by attn.scale
+        self.store[self.name] = probs.float().view(batch_size, attn.heads, -1, key_tokens).mean(dim=1)
+
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_capture(denoiser, prefixes: tuple[str, ...], store: dict) -> tuple[str, ...]:
+    """Put a `CrossAttentionCapture` on every cross-attention layer (`attn2`) whose name starts with one of
+    `prefixes`; every other layer keeps its processor. Returns the captured layer names."""
+    processors = dict(denoiser.attn_processors)
+    captured = tuple(name[: -len(".processor")] for name in processors
+                     if name.endswith(".attn2.processor") and name.startswith(prefixes))
+    if not captured:
+        raise ValueError(f"no cross-attention layer starts with {prefixes}; layers: {sorted(processors)[:5]} ...")
+    for name in captured:
+        processors[name + ".processor"] = CrossAttentionCapture(store, name)
+    denoiser.set_attn_processor(processors)
+    return captured
+
+
+def attention_scores(maps: dict, resolutions: tuple[int, ...]):
+    """Head-averaged maps {layer: [B, HW, C]} -> scores [B, R, C]: mean within each HW, LogSumExp over HW."""
+    import torch
+
+    groups: dict[int, list] = {}
+    for attention in maps.values():
+        groups.setdefault(attention.shape[1], []).append(attention)
+    if sorted(groups) != sorted(resolutions):
+        raise RuntimeError(f"captured cross-attention at {sorted(groups)} positions, expected {sorted(resolutions)}")
+    per_resolution = [torch.logsumexp(torch.stack(groups[hw]).mean(dim=0), dim=1) for hw in sorted(resolutions)]
+    return torch.stack(per_resolution, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Runtime
+
+class T2IAgent:
+    """What `compute` needs from a loaded T2I agent. Subclasses encode prompts and call their denoiser once.
+
+    vae, denoiser: diffusers AutoencoderKL and the conditional denoiser; image_size: pixels fed to the VAE;
+    resolutions: the spatial sizes (HW) of the captured maps; capture_prefixes: which cross-attention layers count.
+    """
+
+    def __init__(self, *, vae, denoiser, image_size: int, resolutions: tuple[int, ...],
+                 capture_prefixes: tuple[str, ...], device: str):
+        self.vae = vae.eval().requires_grad_(False)
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.image_size = int(image_size)
+        self.resolutions = tuple(sorted(resolutions))
+        self.device = device
+        self.maps: dict = {}
+        self.captured_layers = install_capture(self.denoiser, capture_prefixes, self.maps)
+        self._class_tokens: dict[tuple[str, ...], object] = {}
+
+    def encode_prompts(self, prompts: list[str]):
+        """[C, d] L2-normalised class vectors."""
+        raise NotImplementedError
+
+    def denoise(self, latents, class_tokens) -> None:
+        """One denoiser forward at t = 1 on `latents` [B, 4, h, w] with the class vectors as context tokens."""
+        raise NotImplementedError
+
+    def class_tokens(self, prompts: list[str]):
+        key = tuple(prompts)
+        if key not in self._class_tokens:
+            import torch
+
+            with torch.no_grad():
+                self._class_tokens[key] = self.encode_prompts(list(prompts)).to(self.denoiser.dtype)
+        return self._class_tokens[key]
+
+    def latents(self, pixels):
+        """VAE posterior mode × scaling factor, for pixels in [-1, 1]."""
+        import torch
+
+        with torch.no_grad():
+            posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+            return posterior.mode() * self.vae.config.scaling_factor
+
+    def cross_attention_maps(self, pixels, class_tokens) -> dict:
+        import torch
+
+        self.maps.clear()
+        with torch.no_grad():
+            self.denoise(self.latents(pixels).to(self.denoiser.dtype), class_tokens)
+        maps = dict(self.maps)
+        self.maps.clear()
+        return maps
+
+    def scores(self, pixels, class_tokens):
+        """[B, R, C] float32."""
+        return attention_scores(self.cross_attention_maps(pixels, class_tokens), self.resolutions)
+
+
+def timesteps(batch_size: int, device):
+    import torch
+
+    return torch.ones(batch_size, dtype=torch.long, device=device)
+
+
+def l2_normalise(features):
+    import torch.nn.functional as F
+
+    return F.normalize(features.float(), dim=-1)

@@ -1,0 +1,140 @@
+"""`transagent extract`: stage 1. Under torchrun each rank writes its own segments; rank 0 finalises."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from pipelines import options as opt
+
+
+def _parse_layers(ctx, param, value):
+    if value in (None, "", "all"):
+        return None
+    try:
+        layers = tuple(sorted({int(v) for v in value.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"expected 'all' or 0-based layer indices like '3,7,11', got {value!r}")
+    if any(layer < 0 for layer in layers):
+        raise click.BadParameter("layer indices are 0-based and non-negative")
+    return layers
+
+
+def _parse_pairs(ctx, param, values):
+    pairs = {}
+    for value in values:
+        if "=" not in value:
+            raise click.BadParameter(f"expected AGENT=VALUE, got {value!r}")
+        name, _, path = value.partition("=")
+        pairs[name.strip()] = path.strip()
+    return pairs
+
+
+def _parse_ints(ctx, param, value):
+    try:
+        return tuple(int(v) for v in str(value).replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected integers like '1,2,4,8,16', got {value!r}")
+
+
+@click.command()
+@opt.dataset
+@opt.data_root
+@opt.cache_root
+@opt.preset
+@opt.agents
+@click.option("--protocol", type=click.Choice(["base2novel", "fewshot", "all"]), default="base2novel",
+              show_default=True, help="Which training images to cache: base classes, all classes, or both.")
+@click.option("--shots", default="16", show_default=True, callback=_parse_ints, help="Shots, e.g. 16 or 1,2,4,8,16.")
+@opt.seeds
+@click.option("--split", type=click.Choice(["train"]), default="train", show_default=True)
+@click.option("--views", type=click.IntRange(1), default=4, show_default=True,
+              help="Views per training image for vision agents (view 0 = un-augmented).")
+@click.option("--view-seed", type=int, default=0, show_default=True)
+@click.option("--layers", default="all", callback=_parse_layers, help="0-based agent layers to keep, or 'all'.")
+@click.option("--token-pool", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="2 = average 2x2 tokens (14x14 -> 7x7 grid).")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8"]), default="float16", show_default=True)
+@click.option("--max-bytes", type=float, default=50e9, show_default=True, help="Refuse to write more than this.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+@click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--agent-path", "agent_paths", multiple=True, callback=_parse_pairs,
+              help="AGENT=PATH: load an agent from a local directory (required for vitdet and shikra).")
+@click.option("--descriptions", "descriptions", multiple=True, callback=_parse_pairs,
+              help="AGENT=FILE: class descriptions JSON for a language agent (e.g. gpt3=gpt3_eurosat.json).")
+@click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
+              help="JSON-lines log (default: <cache-root>/<dataset>/extract.jsonl).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and size estimate, write nothing.")
+def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views, view_seed, layers,
+            token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, dry_run):
+    """Stage 1: run each agent once and cache what it knows."""
+    from extract.runner import is_complete, run
+    from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    protocols = ("base2novel", "fewshot") if protocol == "all" else (protocol,)
+    options = ExtractOptions(
+        dataset=dataset, data_root=data_root, cache_root=cache_root, preset=preset, agents=agents,
+        protocols=protocols, shots=shots, seeds=tuple(seeds), views=views, view_seed=view_seed, layers=layers,
+        token_pool=int(token_pool), dtype=dtype, batch_size=batch_size, device=device, backend=backend,
+        agent_paths=agent_paths, agent_options={name: {"descriptions": path} for name, path in descriptions.items()})
+    try:
+        jobs = build_jobs(options)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
+    todo = [job for job in jobs if not is_complete(job, cache_root)]
+    sizes = estimate_bytes(todo)
+    total = sum(sizes.values())
+    say = click.echo if rank == 0 else (lambda *a, **k: None)
+    say(f"extract {dataset} ({', '.join(protocols)}, shots {','.join(map(str, shots))}, seeds "
+        f"{','.join(map(str, seeds))}): {len(jobs)} job(s), {len(jobs) - len(todo)} already complete")
+    for name, size in sizes.items():
+        say(f"  {name:<16} up to {format_bytes(size)}")
+    say(f"  total            up to {format_bytes(total)} (limit --max-bytes {format_bytes(max_bytes)})")
+    if total > max_bytes:
+        raise click.ClickException(
+            f"the estimate {format_bytes(total)} exceeds --max-bytes {format_bytes(max_bytes)}; shrink it with "
+            "--views (fewer views), --layers (e.g. 3,7,11), --token-pool 2 (7x7 grid), --dtype int8 (per-token "
+            "scale), or raise --max-bytes")
+    if dry_run or not todo:
+        return
+    device = _resolve_device(device) if device == "auto" else device
+    for job in todo:
+        job.ctx.device = job.request.device = device
+        job.request.dtype = "float16" if device.startswith("cuda") else "float32"
+    if preset == "tiny" or any(job.request.tiny for job in todo):
+        from pipelines.presets import register_model_configs
+
+        register_model_configs()
+    barrier = _distributed_barrier(world_size, device)
+    log_path = log_path or Path(cache_root) / dataset / "extract.jsonl"
+    reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
+                  barrier=barrier, progress=sys.stderr.isatty() or rank == 0, keep_going=world_size == 1)
+    failed = [report for report in reports if report.status == "failed"]
+    for report in reports:
+        say(f"  {report.agent:<8} {report.status:<8} rows {report.rows:>6}  {report.seconds:8.1f} s  "
+            f"{report.images_per_second:8.1f} rows/s  peak RSS {format_bytes(report.peak_rss_bytes)}")
+    if failed:
+        raise click.ClickException("\n".join(f"agent {r.agent} failed: {r.error}" for r in failed))
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
+def _distributed_barrier(world_size: int, device: str):
+    if world_size <= 1:
+        return lambda: None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.barrier
