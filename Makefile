@@ -15,7 +15,7 @@ EXTRACT_PROTOCOL = $(if $(filter fewshot cross,$(PROTOCOL)),fewshot,base2novel)
 SEEDS_CSV = $(subst $(eval) ,$(comma),$(strip $(SEEDS)))
 comma := ,
 
-.PHONY: help install demo extract distill test report
+.PHONY: help install demo extract distill sweep test report
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,22 @@ endif
 distill: install  ## stage 2: prompts + gates on the caches (PROTOCOL, SHOTS, SEEDS)
 	$(TRANSAGENT) distill --dataset $(DATASET) --preset $(PRESET) --agents $(AGENTS) --protocol $(PROTOCOL) \
 		--shots $(SHOTS) --seeds $(SEEDS_CSV)
+
+# sweep: DATASETS x SHOTS x SEEDS x ABLATIONS (space-separated; an ablation is NAME=VALUE[;NAME=VALUE]), or GRID=file.json
+DATASETS ?= $(DATASET)
+ABLATIONS ?=
+PROCESSES ?= 0
+GRID ?=
+DATASETS_CSV = $(subst $(eval) ,$(comma),$(strip $(DATASETS)))
+SHOTS_CSV = $(subst $(eval) ,$(comma),$(strip $(SHOTS)))
+
+sweep: install  ## stage 2 over a grid (DATASETS, SHOTS, SEEDS, ABLATIONS or GRID; PROCESSES=N in parallel)
+ifneq ($(GRID),)
+	$(TRANSAGENT) sweep --grid $(GRID) --processes $(PROCESSES)
+else
+	$(TRANSAGENT) sweep --datasets $(DATASETS_CSV) --preset $(PRESET) --agents $(AGENTS) --protocol $(PROTOCOL) \
+		--shots $(SHOTS_CSV) --seeds $(SEEDS_CSV) --processes $(PROCESSES) $(foreach a,$(ABLATIONS),--ablation '$(a)')
+endif
 
 report: install  ## results tables (markdown + CSV) and plots from runs/
 	$(TRANSAGENT) report runs

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from cache_schema import AgentCache, read_json
+from cache_schema.pack import reading
 from cache_schema.store import MANIFEST, ROWS, cache_dir, with_schema
 from extract.agents.base import AgentSpec, LoadRequest
 from extract.families import ExtractContext
@@ -107,7 +108,8 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
             if revision:
                 cache.set_provenance("resolved_revision", revision)
         barrier()
-        computed = _compute_segments(cache, plan[rank], runtime, family, job, progress)
+        with reading(cache.path):  # `cache gc` must not take a cache that is being written for a partial leftover
+            computed = _compute_segments(cache, plan[rank], runtime, family, job, progress)
         if rank == 0:
             for name, data in family.extra_files(runtime, job.ctx).items():
                 cache.add_file(name, data)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -84,6 +85,7 @@ def extract_hint(options: DistillOptions, agent: str, views: int | None) -> str:
 
 def distill(options: DistillOptions) -> dict:
     """Train (or resume, or return the finished result of) one run; returns final.json's content."""
+    from cache_schema.pack import reading
     from distill.data import open_teachers
     from distill.trainer import RunConfig, Trainer, evaluate
     from pipelines.datasets import load_dataset
@@ -116,7 +118,8 @@ def distill(options: DistillOptions) -> dict:
         lambda_vac=options.lambda_vac, lambda_lac=options.lambda_lac, lambda_rel=options.lambda_rel,
         lambda_mac=options.lambda_mac, temperature=options.temperature, router=options.router, views=options.views,
         epochs=options.epochs if options.epochs is not None else EPOCHS[options.protocol],
-        prompt_depth=options.prompt_depth if options.prompt_depth is not None else PROMPT_DEPTH[options.protocol],
+        prompt_depth=(options.prompt_depth if options.prompt_depth is not None
+                      else min(PROMPT_DEPTH[options.protocol], student.layers)),
         student_model=student.model, student_pretrained=student.pretrained, precision=options.precision,
         device=options.device, workers=options.workers)
     directory.mkdir(parents=True, exist_ok=True)
@@ -127,15 +130,18 @@ def distill(options: DistillOptions) -> dict:
     _check_resumed_config(directory / "config.json", resolved, options.resume)
     (directory / "config.json").write_text(json.dumps(resolved, indent=1, sort_keys=True) + "\n")
 
-    trainer = Trainer(config, chosen.keys, chosen.labels, chosen.classnames, dataset.image_root, bank, directory,
-                      progress=options.progress)
-    if options.resume and (directory / "checkpoint.pt").exists():
-        trainer.load_checkpoint(directory / "checkpoint.pt")
-    initial = None
-    if options.eval_initial and trainer.epoch == 0:
-        initial = _evaluate_all(trainer.student, dataset, options, evaluate)
-    start = time.perf_counter()
-    trainer.fit(stop_after_epoch=options.stop_after_epoch)
+    with contextlib.ExitStack() as leases:  # `cache gc` leaves caches alone while a run reads them
+        for path in bank.paths.values():
+            leases.enter_context(reading(path))
+        trainer = Trainer(config, chosen.keys, chosen.labels, chosen.classnames, dataset.image_root, bank, directory,
+                          progress=options.progress)
+        if options.resume and (directory / "checkpoint.pt").exists():
+            trainer.load_checkpoint(directory / "checkpoint.pt")
+        initial = None
+        if options.eval_initial and trainer.epoch == 0:
+            initial = _evaluate_all(trainer.student, dataset, options, evaluate)
+        start = time.perf_counter()
+        trainer.fit(stop_after_epoch=options.stop_after_epoch)
     if trainer.epoch < config.epochs:
         return {"status": "stopped", "epoch": trainer.epoch, "run_dir": str(directory)}
     accuracy = _evaluate_all(trainer.student, dataset, options, evaluate)

@@ -37,7 +37,7 @@ def training_set(dataset, protocol: str, shots: int, seed: int, data_root) -> Tr
     from pipelines.datasets import fewshot_keys, subsample_classes
 
     class_set = training_class_set(protocol)
-    chosen = set(fewshot_keys(dataset, shots, seed, data_root)["train"])
+    chosen = set(fewshot_keys(dataset, shots, seed, data_root))
     samples = [sample for sample in dataset.train if sample.key in chosen]
     samples, classnames = subsample_classes(samples, dataset.classnames, class_set)
     samples = sorted(samples, key=lambda sample: sample.key)

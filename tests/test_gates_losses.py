@@ -24,7 +24,7 @@ def student():
     return build_student("TransAgent-Tiny-CLIP", pretrained=None, prompt_depth=3, classnames=NAMES)
 
 
-def gates_for(router="mlp", agent_layers=None):
+def gates_for(router="mlp"):
     torch.manual_seed(0)
     return build_gates(router, vision_agents=VISION, vision_dim=D, student_layers=LAYERS,
                        language_agents=LANGUAGE, language_dim=32, multimodal_agents=MULTIMODAL, num_classes=C)

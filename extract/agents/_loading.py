@@ -21,6 +21,8 @@ def from_pretrained(loader, source: Source, agent: str, **kwargs):
     """`loader(location, **kwargs)` (a transformers `from_pretrained`) for a local path or a hub id at its pinned
     revision. Hub failures are re-raised naming the agent, the source and the offline routes."""
     if source.local_path is not None:
+        if not os.path.exists(source.local_path):
+            raise FileNotFoundError(f"agent {agent!r}: local path {source.local_path} does not exist")
         location, where = source.local_path, {}
     elif source.hub_id is not None:
         location, where = source.hub_id, {"revision": source.revision, "local_files_only": hub_offline()}
@@ -40,11 +42,12 @@ def resolved_source(source: Source, config) -> dict:
 
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Build tiny random models from `seed` without disturbing the global torch RNG."""
+    """Build tiny random models from `seed` without disturbing the global torch RNG. Models are initialised on the
+    CPU, so only the CPU generator is seeded (torch.manual_seed would also reseed, and not restore, CUDA's)."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 

@@ -6,9 +6,10 @@ prompt's real tokens with the attention mask (the official code passed no mask a
 """
 from __future__ import annotations
 
+from extract.agents._loading import from_pretrained, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from extract.families.i2t import CLIP_MEAN, CLIP_STD, I2TAgent
-from extract.families.t2i import from_pretrained, torch_dtype
+from extract.families.t2i import hub_commit
 
 HUB_ID = "Salesforce/blip2-opt-2.7b"
 IMAGE_SIZE = 224
@@ -17,19 +18,20 @@ TINY_CONFIG = {
     "image_size": 32,
     "num_query_tokens": 4,
     "vision": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "image_size": 32, "patch_size": 8},
+               "image_size": 32, "patch_size": 8, "initializer_range": 0.02},  # the default 1e-10 is ~0 in fp16
     "qformer": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "encoder_hidden_size": 32, "vocab_size": 64},
     "text": {"hidden_size": 48, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "word_embed_proj_dim": 48, "max_position_embeddings": 64},
+             "word_embed_proj_dim": 48, "max_position_embeddings": 128},
 }
 
 
 class Blip2(I2TAgent):
-    def __init__(self, *, model, tokenizer, image_size: int, device: str):
+    def __init__(self, *, model, tokenizer, image_size: int, device: str, resolved_revision: str | None = None):
         self.model = model.eval().requires_grad_(False)
         super().__init__(tokenizer=tokenizer, image_size=image_size, feature_dim=model.config.text_config.hidden_size,
-                         device=device, dtype=model.vision_model.dtype)
+                         device=device, dtype=model.vision_model.dtype,
+                         resolved_revision=resolved_revision)
 
     def encode_images(self, pixels):
         import torch
@@ -43,7 +45,8 @@ class Blip2(I2TAgent):
         return model.language_projection(pooled.to(model.language_projection.weight.dtype))
 
     def encode_prompts(self, input_ids, attention_mask):
-        return self.model.language_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        decoder = self.model.language_model.base_model  # OPT; last_hidden_state is after the final LayerNorm
+        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def tiny_tokenizer():
@@ -57,31 +60,26 @@ def tiny_tokenizer():
 
 
 def load(request: LoadRequest) -> Blip2:
-    import torch
+    from transformers import AutoTokenizer, Blip2Config, Blip2Model
 
     dtype = torch_dtype(request.dtype)
     if request.tiny:
-        from transformers import Blip2Config, Blip2Model
-
         cfg = TINY_CONFIG
         tokenizer = tiny_tokenizer()
         text = dict(cfg["text"], model_type="opt", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         config = Blip2Config(vision_config=cfg["vision"], qformer_config=cfg["qformer"], text_config=text,
                              num_query_tokens=cfg["num_query_tokens"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(request.seed)
+        with seeded(request.seed):
             model = Blip2Model(config).to(dtype)  # built in float32
-        image_size = cfg["image_size"]
+        image_size, revision = cfg["image_size"], None
     else:
-        from transformers import AutoTokenizer, Blip2Model
-
         source = request.source or SPEC.source
-        model = from_pretrained("blip2", Blip2Model, source, dtype=dtype)  # keeps the Q-Former in float32
-        tokenizer = from_pretrained("blip2", AutoTokenizer, source)
-        image_size = IMAGE_SIZE
-    return Blip2(model=model.to(request.device), tokenizer=tokenizer, image_size=image_size,
-                 device=request.device)
+        model = from_pretrained(Blip2Model.from_pretrained, source, "blip2", dtype=dtype)  # Q-Former stays float32
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "blip2")
+        image_size, revision = IMAGE_SIZE, hub_commit(source, "config.json")
+    return Blip2(model=model.to(request.device), tokenizer=tokenizer, image_size=image_size, device=request.device,
+                 resolved_revision=revision)
 
 
 SPEC = AgentSpec(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from extract.agents._loading import from_pretrained, resolved_source, seeded
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.vision import IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
+from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
 
 SOURCE = Source(hub_id="facebook/dino-vitb16")
 TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256,
@@ -39,7 +39,7 @@ SPEC = AgentSpec(
         "value_range": [0, 1], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "resolution": "student image size; position embeddings bicubic-interpolated if the grid differs",
         "tokens": "every block output, no final norm, CLS dropped, L2-normalised per token",
-        "grid": "bilinear (antialiased) resample to the student grid if the agent grid differs",
+        "grid": GRID_POLICY,
     },
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,

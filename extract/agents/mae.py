@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from extract.agents._loading import from_pretrained, resolved_source, seeded
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.vision import IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
+from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
 
 SOURCE = Source(hub_id="facebook/vit-mae-base")
 TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256,
@@ -54,7 +54,7 @@ SPEC = AgentSpec(
         "resolution": "student image size; position embeddings bicubic-interpolated if the grid differs",
         "masking": "none: mask_ratio 0, identity noise (every patch, raster order)",
         "tokens": "every block output, no final norm, CLS dropped, L2-normalised per token",
-        "grid": "bilinear (antialiased) resample to the student grid if the agent grid differs",
+        "grid": GRID_POLICY,
     },
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,

@@ -6,8 +6,9 @@ all-ones attention mask. All cross-attention layers are captured; they share one
 """
 from __future__ import annotations
 
+from extract.agents._loading import from_pretrained, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.t2i import T2IAgent, from_pretrained, l2_normalise, timesteps, torch_dtype
+from extract.families.t2i import T2IAgent, hub_commit, l2_normalise, timesteps
 
 HUB_ID = "PixArt-alpha/PixArt-XL-2-512x512"
 REVISION = "50f702106901db6d0f8b67eb88e814c56ded2692"
@@ -31,13 +32,15 @@ TINY_CONFIG = {
 
 
 class PixArtAlpha(T2IAgent):
-    def __init__(self, *, transformer, vae, text_encoder, tokenizer, image_size: int, device: str):
+    def __init__(self, *, transformer, vae, text_encoder, tokenizer, image_size: int, device: str,
+                 resolved_revision: str | None = None):
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         latent = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
         grid = latent // transformer.config.patch_size
         super().__init__(vae=vae, denoiser=transformer, image_size=image_size, device=device,
-                         capture_prefixes=CAPTURE, resolutions=(grid * grid,))
+                         capture_prefixes=CAPTURE, resolutions=(grid * grid,),
+                         resolved_revision=resolved_revision)
 
     def encode_prompts(self, prompts):
         batch = self.tokenizer(prompts, padding="longest", max_length=MAX_TOKENS, truncation=True,
@@ -72,18 +75,15 @@ def tiny_tokenizer():
 
 def load(request: LoadRequest) -> PixArtAlpha:
     import torch
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     dtype = torch_dtype(request.dtype)
-    # T5 v1.1 overflows in float16; PixArt runs it in bfloat16.
-    text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # T5 v1.1 overflows in float16
     if request.tiny:
-        from diffusers import AutoencoderKL, PixArtTransformer2DModel
-        from transformers import T5Config, T5EncoderModel
-
         cfg = TINY_CONFIG
         tokenizer = tiny_tokenizer()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(request.seed)
+        with seeded(request.seed):
             transformer = PixArtTransformer2DModel(**cfg["transformer"])
             vae = AutoencoderKL(**cfg["vae"])
             text_encoder = T5EncoderModel(T5Config(**cfg["text"], vocab_size=len(tokenizer),
@@ -91,20 +91,19 @@ def load(request: LoadRequest) -> PixArtAlpha:
                                                    eos_token_id=tokenizer.eos_token_id))
         if dtype != torch.float32:  # built in float32; the VAE stays there
             transformer, text_encoder = transformer.to(dtype), text_encoder.to(text_dtype)
-        image_size = cfg["image_size"]
+        image_size, revision = cfg["image_size"], None
     else:
-        from diffusers import AutoencoderKL, PixArtTransformer2DModel
-        from transformers import T5EncoderModel, T5Tokenizer
-
         source = request.source or SPEC.source
-        transformer = from_pretrained("pixart", PixArtTransformer2DModel, source, "transformer", dtype=dtype)
-        vae = from_pretrained("pixart", AutoencoderKL, source, "vae", dtype=torch.float32)  # fp32: exact latents
-        text_encoder = from_pretrained("pixart", T5EncoderModel, source, "text_encoder", dtype=text_dtype)
-        tokenizer = from_pretrained("pixart", T5Tokenizer, source, "tokenizer")
-        image_size = IMAGE_SIZE
+        transformer = from_pretrained(PixArtTransformer2DModel.from_pretrained, source, "pixart",
+                                      subfolder="transformer", dtype=dtype)
+        vae = from_pretrained(AutoencoderKL.from_pretrained, source, "pixart", subfolder="vae", dtype=torch.float32)
+        text_encoder = from_pretrained(T5EncoderModel.from_pretrained, source, "pixart", subfolder="text_encoder",
+                                       dtype=text_dtype)
+        tokenizer = from_pretrained(T5Tokenizer.from_pretrained, source, "pixart", subfolder="tokenizer")
+        image_size, revision = IMAGE_SIZE, hub_commit(source, "model_index.json")
     return PixArtAlpha(transformer=transformer.to(request.device), vae=vae.to(request.device),
                        text_encoder=text_encoder.to(request.device), tokenizer=tokenizer,
-                       image_size=image_size, device=request.device)
+                       image_size=image_size, device=request.device, resolved_revision=revision)
 
 
 SPEC = AgentSpec(

@@ -11,7 +11,7 @@ import copy
 
 from extract.agents._loading import from_pretrained, resolved_source, seeded
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.vision import VisionRuntime
+from extract.families.vision import GRID_POLICY, VisionRuntime
 
 SOURCE = Source(hub_id="facebook/sam-vit-base")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -80,8 +80,8 @@ def load(request: LoadRequest) -> SamRuntime:
             native = SamVisionEncoder(SamVisionConfig(**TINY_CONFIG))
         source_record = {"source": "tiny-random", "seed": request.seed}
     else:
-        native = from_pretrained(SamModel.from_pretrained, source, "sam").vision_encoder
-        source_record = resolved_source(source, native.config)
+        full = from_pretrained(SamModel.from_pretrained, source, "sam")  # prompt encoder and mask decoder unused
+        native, source_record = full.vision_encoder, resolved_source(source, full.config)
     return SamRuntime(at_image_size(native, request.student.image_size), request.student, mean=SAM_PIXEL_MEAN,
                       std=SAM_PIXEL_STD, pixel_scale=255.0, device=request.device, dtype=request.dtype,
                       source=source_record)
@@ -96,7 +96,7 @@ SPEC = AgentSpec(
         "resolution": "student image size; abs pos-embed bicubic-resized and global-attention rel-pos tables "
                       "linearly resized to 2G-1 at load",
         "tokens": "every block output before the neck, L2-normalised per token",
-        "grid": "bilinear (antialiased) resample to the student grid if the agent grid differs",
+        "grid": GRID_POLICY,
     },
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,

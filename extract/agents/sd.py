@@ -6,8 +6,9 @@ Class vector = CLIP ViT-L/14 text encoder `last_hidden_state` at the EOT token o
 """
 from __future__ import annotations
 
+from extract.agents._loading import from_pretrained, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.t2i import T2IAgent, from_pretrained, l2_normalise, timesteps, torch_dtype
+from extract.families.t2i import T2IAgent, hub_commit, l2_normalise, timesteps
 
 HUB_ID = "CompVis/stable-diffusion-v1-4"
 REVISION = "133a221b8aa7292a167afc5127cb63fb5005638b"
@@ -35,11 +36,13 @@ TINY_CONFIG = {
 
 
 class StableDiffusion(T2IAgent):
-    def __init__(self, *, unet, vae, text_encoder, tokenizer, image_size: int, device: str):
+    def __init__(self, *, unet, vae, text_encoder, tokenizer, image_size: int, device: str,
+                 resolved_revision: str | None = None):
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         super().__init__(vae=vae, denoiser=unet, image_size=image_size, device=device, capture_prefixes=CAPTURE,
-                         resolutions=unet_attention_sizes(unet, vae, image_size, CAPTURE))
+                         resolutions=unet_attention_sizes(unet, vae, image_size, CAPTURE),
+                         resolved_revision=resolved_revision)
 
     def encode_prompts(self, prompts):
         import torch
@@ -82,16 +85,14 @@ def tiny_tokenizer(max_length: int = 77):
 
 def load(request: LoadRequest) -> StableDiffusion:
     import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     dtype = torch_dtype(request.dtype)
     if request.tiny:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         cfg = TINY_CONFIG
         tokenizer = tiny_tokenizer(cfg["text"]["max_position_embeddings"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(request.seed)
+        with seeded(request.seed):
             unet = UNet2DConditionModel(**cfg["unet"])
             vae = AutoencoderKL(**cfg["vae"])
             text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -99,20 +100,18 @@ def load(request: LoadRequest) -> StableDiffusion:
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         if dtype != torch.float32:  # built in float32; the VAE stays there
             unet, text_encoder = unet.to(dtype), text_encoder.to(dtype)
-        image_size = cfg["image_size"]
+        image_size, revision = cfg["image_size"], None
     else:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         source = request.source or SPEC.source
-        unet = from_pretrained("sd", UNet2DConditionModel, source, "unet", dtype=dtype)
-        vae = from_pretrained("sd", AutoencoderKL, source, "vae", dtype=torch.float32)  # fp32: exact latents
-        text_encoder = from_pretrained("sd", CLIPTextModel, source, "text_encoder", dtype=dtype)
-        tokenizer = from_pretrained("sd", CLIPTokenizer, source, "tokenizer")
-        image_size = IMAGE_SIZE
+        unet = from_pretrained(UNet2DConditionModel.from_pretrained, source, "sd", subfolder="unet", dtype=dtype)
+        vae = from_pretrained(AutoencoderKL.from_pretrained, source, "sd", subfolder="vae", dtype=torch.float32)
+        text_encoder = from_pretrained(CLIPTextModel.from_pretrained, source, "sd", subfolder="text_encoder",
+                                       dtype=dtype)
+        tokenizer = from_pretrained(CLIPTokenizer.from_pretrained, source, "sd", subfolder="tokenizer")
+        image_size, revision = IMAGE_SIZE, hub_commit(source, "model_index.json")
     return StableDiffusion(unet=unet.to(request.device), vae=vae.to(request.device),
                            text_encoder=text_encoder.to(request.device), tokenizer=tokenizer,
-                           image_size=image_size, device=request.device)
+                           image_size=image_size, device=request.device, resolved_revision=revision)
 
 
 SPEC = AgentSpec(

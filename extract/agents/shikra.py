@@ -6,15 +6,15 @@ penultimate; the official extractor read the last), patch tokens only (CLS dropp
 Class feature = LLaMA's last hidden state (after the final norm) averaged over the prompt's real tokens.
 
 Shikra has no transformers checkpoint on the hub, only a delta over LLaMA-7B: `transagent agents convert shikra`
-(extract/convert/shikra.py) writes the local directory this agent loads.
+(extract/convert/shikra.py) writes the local directory this agent loads (`--agent-path shikra=DIR`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from extract.agents._loading import seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from extract.families.i2t import CLIP_MEAN, CLIP_STD, I2TAgent
-from extract.families.t2i import torch_dtype
 
 IMAGE_SIZE = 224
 VISION_LAYER = -2
@@ -24,7 +24,7 @@ TINY_CONFIG = {
     "vision": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 4,
                "image_size": 32, "patch_size": 8},
     "text": {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "max_position_embeddings": 64},
+             "num_key_value_heads": 4, "max_position_embeddings": 128},
 }
 
 
@@ -66,8 +66,7 @@ def build_tiny(seed: int):
 
     cfg = TINY_CONFIG
     tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         vision_tower = CLIPVisionModel(CLIPVisionConfig(**cfg["vision"]))
         projector = torch.nn.Linear(cfg["vision"]["hidden_size"], cfg["text"]["hidden_size"])
         language_model = LlamaModel(LlamaConfig(**cfg["text"], vocab_size=len(tokenizer),
@@ -77,8 +76,6 @@ def build_tiny(seed: int):
 
 
 def load(request: LoadRequest) -> Shikra:
-    import torch
-
     dtype = torch_dtype(request.dtype)
     if request.tiny:
         vision_tower, projector, language_model, tokenizer = build_tiny(request.seed)
@@ -90,8 +87,8 @@ def load(request: LoadRequest) -> Shikra:
         source = request.source or SPEC.source
         if source.local_path is None:
             raise ValueError("agent 'shikra' needs a local directory: Shikra-7B is published only as a delta over "
-                             "LLaMA-7B. Run `transagent agents convert shikra --base <llama-7b> --delta "
-                             "<shikra-7b-delta> --out <dir>` and give <dir> as the agent's local path.")
+                             "LLaMA-7B. Convert it with `transagent agents convert shikra <shikra-7b-delta dir> <DIR> "
+                             "--base <llama-7b dir>` and pass --agent-path shikra=<DIR>.")
         vision_tower, projector, language_model, tokenizer = load_converted(Path(source.local_path), dtype)
         image_size = IMAGE_SIZE
     return Shikra(vision_tower=vision_tower.to(request.device), projector=projector.to(request.device),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from extract.agents._loading import from_pretrained, resolved_source, seeded
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.vision import IMAGENET_MEAN, IMAGENET_STD, VisionRuntime
+from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime
 
 SOURCE = Source(note="local path only: `transagent agents convert vitdet <detectron2 .pkl/.pth> DIR`, "
                      "then --agent-path vitdet=DIR (COCO mask_rcnn_vitdet_b/f325346929/model_final_61ccd1.pkl)")
@@ -56,7 +56,7 @@ SPEC = AgentSpec(
         "relative_position": "kept (the official code dropped it)",
         "attention": "windowed blocks attend within windows, as detectron2",
         "tokens": "every block output (the backbone has no CLS token and no final norm), L2-normalised per token",
-        "grid": "bilinear (antialiased) resample to the student grid if the agent grid differs",
+        "grid": GRID_POLICY,
     },
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,

@@ -35,52 +35,54 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 SHARD_BYTES = 5 * 2**30
 
 
-def convert_shikra(base: Path, delta: Path, out: Path, vision_tower: str = CLIP_L14, dtype: str = "float16",
-                   shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the converted Shikra directory at `out` (atomically: built beside it, renamed when complete).
+def convert(source: Path, output: Path, *, base: Path, vision_tower: str = CLIP_L14, dtype: str = "float16",
+            shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write the converted Shikra directory at `output` (atomically: built beside it, renamed when complete).
 
-    base: LLaMA-7B in Hugging Face format; delta: the Shikra delta directory; vision_tower: a CLIP ViT-L/14 hub id
-    or local directory. Returns `out`.
+    source: the Shikra delta directory (e.g. shikras/shikra-7b-delta-v1); base: LLaMA-7B in Hugging Face format;
+    vision_tower: a CLIP ViT-L/14 hub id or local directory. Returns `output`.
     """
-    import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, LlamaConfig
 
+    from extract.agents._loading import from_pretrained, torch_dtype
     from extract.agents.base import Source
-    from extract.families.t2i import from_pretrained, torch_dtype
 
-    base, delta, out = Path(base), Path(delta), Path(out)
+    base, delta, out = Path(base), Path(source), Path(output)
     for name, path in (("base", base), ("delta", delta)):
         if not path.is_dir():
             raise FileNotFoundError(f"shikra conversion: {name} directory {path} does not exist")
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"shikra conversion: {out} exists and is not empty; choose another --out")
+        raise FileExistsError(f"shikra conversion: {out} exists and is not empty; choose another output directory")
     target_dtype = torch_dtype(dtype)
-
-    language, projector = apply_delta(read_state_dict(base), read_state_dict(delta), target_dtype)
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    (work / LANGUAGE_DIR).mkdir(parents=True)
-
+    # The vision tower first: a missing download fails before minutes of merging.
+    tower = Source(local_path=vision_tower) if Path(vision_tower).is_dir() else Source(hub_id=vision_tower)
+    vision_model = from_pretrained(CLIPVisionModel.from_pretrained, tower, "shikra", dtype=target_dtype)
     config = LlamaConfig.from_pretrained(base)
+    language, projector = apply_delta(read_state_dict(base), read_state_dict(delta), target_dtype)
     config.vocab_size = language["model.embed_tokens.weight"].shape[0]
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = dtype
-    config.save_pretrained(work / LANGUAGE_DIR)
-    write_safetensors(language, work / LANGUAGE_DIR, shard_bytes)
-    copy_tokenizer(delta if any((delta / f).exists() for f in TOKENIZER_FILES) else base, work / LANGUAGE_DIR)
 
-    save_file({key: tensor.contiguous() for key, tensor in projector.items()}, work / PROJECTOR_FILE)
-    source = Source(local_path=vision_tower) if Path(vision_tower).is_dir() else Source(hub_id=vision_tower)
-    from_pretrained("shikra", CLIPVisionModel, source, dtype=target_dtype).save_pretrained(work / VISION_DIR)
-
-    manifest = {
-        "format": FORMAT, "version": VERSION, "base": base.name, "delta": delta.name,
-        "vision_tower": Path(vision_tower).name if source.local_path else vision_tower, "dtype": dtype,
-        "projector": list(projector["weight"].shape), "vocab_size": config.vocab_size,
-    }
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    try:
+        (work / LANGUAGE_DIR).mkdir(parents=True)
+        config.save_pretrained(work / LANGUAGE_DIR)
+        write_safetensors(language, work / LANGUAGE_DIR, shard_bytes)
+        copy_tokenizer(delta if any((delta / f).exists() for f in TOKENIZER_FILES) else base, work / LANGUAGE_DIR)
+        save_file({key: tensor.contiguous() for key, tensor in projector.items()}, work / PROJECTOR_FILE)
+        vision_model.save_pretrained(work / VISION_DIR)
+        manifest = {
+            "format": FORMAT, "version": VERSION, "base": base.name, "delta": delta.name,
+            "vision_tower": Path(vision_tower).name if tower.local_path else vision_tower, "dtype": dtype,
+            "projector": list(projector["weight"].shape), "vocab_size": config.vocab_size,
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     work.rename(out)
@@ -174,7 +176,7 @@ def copy_tokenizer(source: Path, target: Path) -> None:
 
 
 def load_converted(directory: Path, dtype):
-    """(vision tower, projector, LLaMA model, tokenizer) from a directory written by `convert_shikra`."""
+    """(vision tower, projector, LLaMA model, tokenizer) from a directory written by `convert`."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, CLIPVisionModel, LlamaModel

@@ -15,15 +15,16 @@ tables) and the training image size (the global blocks' tables).
 """
 from __future__ import annotations
 
-import collections
 import codecs
-import hashlib
+import collections
 import json
 import pickle
 import re
 from pathlib import Path
 
 import numpy as np
+
+from cache_schema.fingerprint import sha256_file
 
 PREFIX = "backbone.net."
 
@@ -44,7 +45,7 @@ def convert(source, output) -> Path:
                          f"unexpected {sorted(unexpected)}")
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
-    record = {"converter": "extract.convert.vitdet", "source_file": source.name, "source_sha256": _sha256(source),
+    record = {"converter": "extract.convert.vitdet", "source_file": source.name, "source_sha256": sha256_file(source),
               "backbone_tensors": len(backbone)}
     (output / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
     return output
@@ -148,11 +149,3 @@ class _ArrayUnpickler(pickle.Unpickler):
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
         raise pickle.UnpicklingError(f"refusing {module}.{name}: a weight pickle should hold numpy arrays only")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -17,6 +17,7 @@ from extract.families.t2i import class_prompts, view0_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_BATCH = 64  # prompts per LLM forward (ImageNet has 1000 classes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,15 +61,17 @@ class I2TAgent:
     """What `compute` needs from a loaded I2T agent. Subclasses encode images and prompts.
 
     tokenizer: the LLM's tokenizer; image_size and mean/std: the agent's image preprocessing; feature_dim: size of
-    the shared feature space; device/dtype: where and in which precision the image encoder runs.
+    the shared feature space; device/dtype: where and in which precision the image encoder runs;
+    resolved_revision: the hub commit the weights came from (recorded in the manifest), None for tiny/local.
     """
 
     def __init__(self, *, tokenizer, image_size: int, feature_dim: int, device: str, dtype, mean=CLIP_MEAN,
-                 std=CLIP_STD):
+                 std=CLIP_STD, resolved_revision: str | None = None):
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         self.feature_dim = int(feature_dim)
         self.device, self.dtype = device, dtype
+        self.resolved_revision = resolved_revision
         self.mean, self.std = tuple(mean), tuple(std)
         self._class_features: dict[tuple[str, ...], object] = {}
 
@@ -96,9 +99,13 @@ class I2TAgent:
         key = tuple(prompts)
         if key not in self._class_features:
             self.tokenizer.padding_side = "right"  # causal LLMs: real tokens keep positions 0..n-1
-            batch = self.tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.device)
-            with torch.no_grad():
-                hidden = self.encode_prompts(batch.input_ids, batch.attention_mask).float()
-            mask = batch.attention_mask.unsqueeze(-1).float()
-            self._class_features[key] = F.normalize((hidden * mask).sum(dim=1) / mask.sum(dim=1), dim=-1)
+            means = []
+            for start in range(0, len(prompts), TEXT_BATCH):
+                batch = self.tokenizer(list(prompts[start:start + TEXT_BATCH]), padding=True,
+                                       return_tensors="pt").to(self.device)
+                with torch.no_grad():
+                    hidden = self.encode_prompts(batch.input_ids, batch.attention_mask).float()
+                mask = batch.attention_mask.unsqueeze(-1).float()
+                means.append((hidden * mask).sum(dim=1) / mask.sum(dim=1))
+            self._class_features[key] = F.normalize(torch.cat(means), dim=-1)
         return self._class_features[key]

@@ -20,6 +20,8 @@ import numpy as np
 from cache_schema.arrays import ArraySpec
 from cache_schema.views import apply_view, view_params
 
+TEXT_BATCH = 64  # prompts per text-encoder forward (ImageNet has 1000 classes)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Family protocol (see extract/families/__init__.py)
@@ -78,14 +80,43 @@ def view0_pixels(ctx, keys, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
 # --------------------------------------------------------------------------------------------------------------
 # Attention capture
 
+class AttentionStore:
+    """Running sums of head-averaged cross-attention maps per spatial size, so that memory stays at one [B, HW, C]
+    map per resolution however many layers are captured (the official store also kept self-attention)."""
+
+    def __init__(self):
+        self.sums: dict[int, object] = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, attention) -> None:
+        positions = attention.shape[1]
+        if positions in self.sums:
+            self.sums[positions] += attention
+            self.counts[positions] += 1
+        else:
+            self.sums[positions], self.counts[positions] = attention.clone(), 1
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def scores(self, resolutions: tuple[int, ...]):
+        """[B, R, C]: per resolution (ascending HW), the mean map over its layers, LogSumExp over positions."""
+        import torch
+
+        if sorted(self.sums) != sorted(resolutions):
+            raise RuntimeError(f"captured cross-attention at {sorted(self.sums)} positions, expected "
+                               f"{sorted(resolutions)}")
+        means = [self.sums[hw] / self.counts[hw] for hw in sorted(resolutions)]
+        return torch.stack([torch.logsumexp(mean, dim=1) for mean in means], dim=1)
+
+
 class CrossAttentionCapture:
-    """A diffusers attention processor: diffusers' `AttnProcessor` that also records the attention probabilities.
+    """A diffusers attention processor: diffusers' `AttnProcessor` that also hands the attention probabilities,
+    averaged over heads ([B, query tokens, C], float32), to an `AttentionStore`. The layer's output is computed
+    exactly as `AttnProcessor` does, so the denoiser's forward pass is unchanged."""
 
-    It stores the head-averaged probabilities [B, query tokens, C] (float32) under its layer name in `store`. The
-    layer's output is computed exactly as `AttnProcessor` does, so the denoiser's forward pass is unchanged.
-    """
-
-    def __init__(self, store: dict, name: str):
+    def __init__(self, store: AttentionStore, name: str):
         self.store = store
         self.name = name
 
@@ -114,7 +145,7 @@ class CrossAttentionCapture:
         query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
 
         probs = attn.get_attention_scores(query, key, attention_mask)  # softmax over the C keys, scaled by attn.scale
-        self.store[self.name] = probs.float().view(batch_size, attn.heads, -1, key_tokens).mean(dim=1)
+        self.store.add(probs.float().view(batch_size, attn.heads, -1, key_tokens).mean(dim=1))
 
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -125,7 +156,7 @@ class CrossAttentionCapture:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_capture(denoiser, prefixes: tuple[str, ...], store: dict) -> tuple[str, ...]:
+def install_capture(denoiser, prefixes: tuple[str, ...], store: AttentionStore) -> tuple[str, ...]:
     """Put a `CrossAttentionCapture` on every cross-attention layer (`attn2`) whose name starts with one of
     `prefixes`; every other layer keeps its processor. Returns the captured layer names."""
     processors = dict(denoiser.attn_processors)
@@ -139,19 +170,6 @@ def install_capture(denoiser, prefixes: tuple[str, ...], store: dict) -> tuple[s
     return captured
 
 
-def attention_scores(maps: dict, resolutions: tuple[int, ...]):
-    """Head-averaged maps {layer: [B, HW, C]} -> scores [B, R, C]: mean within each HW, LogSumExp over HW."""
-    import torch
-
-    groups: dict[int, list] = {}
-    for attention in maps.values():
-        groups.setdefault(attention.shape[1], []).append(attention)
-    if sorted(groups) != sorted(resolutions):
-        raise RuntimeError(f"captured cross-attention at {sorted(groups)} positions, expected {sorted(resolutions)}")
-    per_resolution = [torch.logsumexp(torch.stack(groups[hw]).mean(dim=0), dim=1) for hw in sorted(resolutions)]
-    return torch.stack(per_resolution, dim=1)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Runtime
 
@@ -159,18 +177,20 @@ class T2IAgent:
     """What `compute` needs from a loaded T2I agent. Subclasses encode prompts and call their denoiser once.
 
     vae, denoiser: diffusers AutoencoderKL and the conditional denoiser; image_size: pixels fed to the VAE;
-    resolutions: the spatial sizes (HW) of the captured maps; capture_prefixes: which cross-attention layers count.
+    resolutions: the spatial sizes (HW) of the captured maps; capture_prefixes: which cross-attention layers count;
+    resolved_revision: the hub commit the weights came from (recorded in the manifest), None for tiny/local.
     """
 
     def __init__(self, *, vae, denoiser, image_size: int, resolutions: tuple[int, ...],
-                 capture_prefixes: tuple[str, ...], device: str):
+                 capture_prefixes: tuple[str, ...], device: str, resolved_revision: str | None = None):
         self.vae = vae.eval().requires_grad_(False)
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.image_size = int(image_size)
         self.resolutions = tuple(sorted(resolutions))
         self.device = device
-        self.maps: dict = {}
-        self.captured_layers = install_capture(self.denoiser, capture_prefixes, self.maps)
+        self.resolved_revision = resolved_revision
+        self.store = AttentionStore()
+        self.captured_layers = install_capture(self.denoiser, capture_prefixes, self.store)
         self._class_tokens: dict[tuple[str, ...], object] = {}
 
     def encode_prompts(self, prompts: list[str]):
@@ -182,12 +202,15 @@ class T2IAgent:
         raise NotImplementedError
 
     def class_tokens(self, prompts: list[str]):
+        """[C, d] class vectors in the denoiser's dtype, computed once per class set."""
         key = tuple(prompts)
         if key not in self._class_tokens:
             import torch
 
             with torch.no_grad():
-                self._class_tokens[key] = self.encode_prompts(list(prompts)).to(self.denoiser.dtype)
+                chunks = [self.encode_prompts(list(prompts[i:i + TEXT_BATCH]))
+                          for i in range(0, len(prompts), TEXT_BATCH)]
+            self._class_tokens[key] = torch.cat(chunks).to(self.denoiser.dtype)
         return self._class_tokens[key]
 
     def latents(self, pixels):
@@ -198,19 +221,17 @@ class T2IAgent:
             posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
             return posterior.mode() * self.vae.config.scaling_factor
 
-    def cross_attention_maps(self, pixels, class_tokens) -> dict:
+    def scores(self, pixels, class_tokens):
+        """[B, R, C] float32: one denoiser pass, its captured maps reduced per resolution."""
         import torch
 
-        self.maps.clear()
-        with torch.no_grad():
-            self.denoise(self.latents(pixels).to(self.denoiser.dtype), class_tokens)
-        maps = dict(self.maps)
-        self.maps.clear()
-        return maps
-
-    def scores(self, pixels, class_tokens):
-        """[B, R, C] float32."""
-        return attention_scores(self.cross_attention_maps(pixels, class_tokens), self.resolutions)
+        self.store.clear()
+        try:
+            with torch.no_grad():
+                self.denoise(self.latents(pixels).to(self.denoiser.dtype), class_tokens)
+            return self.store.scores(self.resolutions)
+        finally:
+            self.store.clear()
 
 
 def timesteps(batch_size: int, device):
@@ -223,3 +244,19 @@ def l2_normalise(features):
     import torch.nn.functional as F
 
     return F.normalize(features.float(), dim=-1)
+
+
+def hub_commit(source, filename: str) -> str | None:
+    """The commit a hub download resolved to, read from the Hugging Face cache (transformers 5 no longer puts it on
+    the config); None for local paths or when the file is not cached."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if source.local_path is not None or source.hub_id is None:
+        return None
+    path = try_to_load_from_cache(source.hub_id, filename, revision=source.revision)
+    if not isinstance(path, str):
+        return None
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None

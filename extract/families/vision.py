@@ -15,6 +15,7 @@ from cache_schema.views import apply_view, view_params
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TOKEN_DTYPES = ("float16", "float32", "int8")
+GRID_POLICY = "bilinear (antialiased) resample to the student grid if the agent grid differs"
 
 
 class VisionRuntime:
@@ -40,7 +41,8 @@ class VisionRuntime:
         raise NotImplementedError
 
     def encode(self, pixels):
-        """Normalised pixels -> every block's patch tokens [B, L, G*G, D] (float32) on the student grid G.
+        """Normalised pixels -> every block's patch tokens [B, L, G*G, D] (float32, on the agent's device) on the
+        student grid G.
 
         Tokens are the block outputs without final norm and without CLS, resampled bilinearly to G x G when the
         agent's grid differs (e.g. a patch-32 student)."""
@@ -55,7 +57,7 @@ class VisionRuntime:
             flat = F.interpolate(flat, size=(self.grid, self.grid), mode="bilinear", align_corners=False,
                                  antialias=True)
             grids = flat.permute(0, 2, 3, 1).reshape(batch, layers, self.grid, self.grid, dim)
-        return grids.reshape(batch, layers, self.grid * self.grid, dim).cpu()
+        return grids.reshape(batch, layers, self.grid * self.grid, dim)
 
 
 def vit_token_grids(hidden_states):
@@ -114,8 +116,8 @@ def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
     tokens = F.normalize(runtime.encode(normalise_pixels(batch, runtime))[:, list(layers)], dim=-1)
     if ctx.token_pool > 1:
         tokens = pool_tokens(tokens, ctx.student.grid, ctx.token_pool)
-    out = {"token_mean": tokens.mean(dim=2).numpy().astype(np.float32), "views": np.stack(params).astype(np.int32)}
-    tokens = tokens.numpy()
+    out = {"token_mean": tokens.mean(dim=2).cpu().numpy(), "views": np.stack(params).astype(np.int32)}
+    tokens = tokens.cpu().numpy()
     if ctx.dtype == "int8":
         out["tokens"], out["tokens_scale"] = quantise_int8(tokens)
     else:

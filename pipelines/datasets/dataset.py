@@ -104,16 +104,17 @@ def _samples_and_classes(info: DatasetInfo, raw: dict, split_path: Path):
     for split_name in SPLITS:
         seen, out = set(), []
         for index, (key, label, raw_name) in enumerate(raw[split_name]):
-            where = f"{split_name}[{index}]"
             name = fixed.get(raw_name)
             if name is None:
                 name = fixed[raw_name] = info.class_renames.get(raw_name, raw_name).replace("_", " ")
-            if label < 0:
-                raise DatasetError(f"{split_path}: {where} has negative label {label}")
-            first = names.setdefault(label, (name, where))
+            first = names.get(label)
+            if first is None:
+                if label < 0:
+                    raise DatasetError(f"{split_path}: {split_name}[{index}] has negative label {label}")
+                first = names[label] = (name, f"{split_name}[{index}]")
             if first[0] != name:
                 raise DatasetError(f"{split_path}: label {label} is {first[0]!r} at {first[1]} but {name!r} at "
-                                   f"{where}; one label must have one class name")
+                                   f"{split_name}[{index}]; one label must have one class name")
             if key in seen:
                 raise DatasetError(f"{split_path}: {key!r} is listed twice in {split_name}")
             seen.add(key)

@@ -63,12 +63,12 @@ def read_split(path: Path) -> tuple[dict, str]:
 
 
 def _parse_entry(path, split_name, index, entry):
-    where = f"{path}: {split_name}[{index}]"
     if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
             or isinstance(entry[1], bool) or not isinstance(entry[1], int) or not isinstance(entry[2], str)):
-        raise DatasetError(f"{where} = {entry!r}; expected [relpath, integer label, classname]")
+        raise DatasetError(f"{path}: {split_name}[{index}] = {entry!r}; expected [relpath, integer label, classname]")
     key = entry[0]
     segments = key.split("/")
     if "\\" in key or "" in segments or "." in segments or ".." in segments:
-        raise DatasetError(f"{where}: {key!r} is not a relative POSIX path without '..' (keys are stored as written)")
+        raise DatasetError(f"{path}: {split_name}[{index}]: {key!r} is not a relative POSIX path without '..' "
+                           f"(keys are stored as written)")
     return key, entry[1], entry[2]

@@ -5,6 +5,7 @@ it from colour alone while the pattern keeps crops meaningful. Images are 48x40 
 Determinism: pixels come from integer arithmetic on a numpy Generator seeded by (seed, label, index), and the PNG
 is written here with stored (uncompressed) deflate blocks, so no zlib version or timestamp can change the bytes.
 """
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -131,5 +132,18 @@ def make_synthetic(data_root, num_classes: int = 10, per_class: tuple[int, int, 
             path = image_root / key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encode_png(render(label, int(Path(key).stem))))
+    descriptions = split_path.parent / "descriptions" / "gpt3.json"
+    descriptions.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(descriptions, (json.dumps(class_descriptions(class_names(num_classes)), indent=1) + "\n").encode())
     write_atomic(split_path, split_bytes)
     return split_path
+
+
+def class_descriptions(classnames: list[str]) -> dict[str, list[str]]:
+    """CuPL-style descriptions, so the language agents have a descriptions file to read on this dataset too."""
+    out = {}
+    for name in classnames:
+        colour, pattern = name.split(" ", 1)
+        out[name] = [f"a {colour} {pattern} on a dark background.", f"an image whose main colour is {colour}.",
+                     f"a simple {pattern} pattern painted in {colour}."]
+    return out

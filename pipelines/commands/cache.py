@@ -1,0 +1,176 @@
+"""`transagent cache ls|verify|pack|push|pull|merge|gc`: inspect, check and share teacher caches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipelines import options as opt
+
+
+def _fail_on_cache_errors(function):
+    """Cache errors are the user's to fix: show the message, not a traceback."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from cache_schema import CacheError
+
+        try:
+            return function(*args, **kwargs)
+        except CacheError as error:
+            raise click.ClickException(str(error)) from None
+    return wrapper
+
+
+def _size(size: float) -> str:
+    from pipelines.extraction import format_bytes
+
+    return format_bytes(size)
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@click.group()
+def cache():
+    """Inspect, verify and share teacher caches (`<cache-root>/<dataset>/<agent>/<fingerprint>/`)."""
+
+
+@cache.command("ls")
+@opt.cache_root
+@click.option("--dataset", default=None, help="Only this dataset.")
+@click.option("--agent", default=None, help="Only this agent.")
+def ls(cache_root, dataset, agent):
+    """List caches: rows, views, size on disk, status and who made them."""
+    from cache_schema import list_caches
+    from cache_schema.pack import summary
+
+    found = [summary(path, manifest) for path, manifest in list_caches(cache_root, dataset, agent)]
+    if not found:
+        click.echo(f"no caches under {cache_root}")
+        return
+    for row in found:
+        row["size"] = _size(row["bytes"])
+    click.echo(_table(found, ["dataset", "agent", "fingerprint", "rows", "views", "size", "status", "created_by",
+                              "created_at"]))
+
+
+@cache.command()
+@opt.cache_root
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+def verify(cache_root, paths):
+    """Hash every file of the given caches (default: all under --cache-root); exit 1 on any problem."""
+    from cache_schema import list_caches, verify as verify_cache
+
+    paths = list(paths) or [path for path, _ in list_caches(cache_root)]
+    if not paths:
+        raise click.ClickException(f"no caches under {cache_root}")
+    bad = 0
+    for path in paths:
+        problems = verify_cache(path)
+        bad += bool(problems)
+        click.echo(f"ok      {path}" if not problems else "\n".join(f"PROBLEM {problem}" for problem in problems))
+    if bad:
+        raise click.ClickException(f"{bad} of {len(paths)} cache(s) have problems")
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Pack file (default: ./<dataset>-<agent>-<fingerprint>.tar).")
+@_fail_on_cache_errors
+def pack(cache_dir, out):
+    """Write a complete cache as one deterministic, uncompressed tar (no pickles)."""
+    from cache_schema import read_json
+    from cache_schema.pack import PACK_EXT, pack_cache
+
+    if out is None:
+        manifest = read_json(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
+        out = Path(f"{manifest.get('dataset', 'cache')}-{manifest.get('agent', 'agent')}-{cache_dir.name}{PACK_EXT}")
+    info = pack_cache(cache_dir, out)
+    click.echo(f"{out}  {info.rows} rows  {_size(info.bytes)}  sha256 {info.sha256}")
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("url")
+@click.option("--replace", is_flag=True, help="Overwrite a remote pack of the same fingerprint with other content.")
+@_fail_on_cache_errors
+def push(cache_dir, url, replace):
+    """Pack CACHE_DIR and upload it to URL (file://, s3://, gs://, ssh://), updating URL/index.json."""
+    from pipelines.share import push as push_cache
+
+    entry, status = push_cache(cache_dir, url, replace=replace)
+    click.echo(f"{status:<9} {entry['dataset']}/{entry['agent']}/{entry['fingerprint']}  {entry['rows']} rows  "
+               f"{_size(entry['bytes'])}  -> {url}")
+
+
+@cache.command()
+@click.argument("url")
+@opt.cache_root
+@click.option("--dataset", default=None, help="Only caches of this dataset.")
+@click.option("--agent", default=None, help="Only caches of this agent.")
+@click.option("--fingerprint", default=None, help="Only the cache with this fingerprint.")
+@_fail_on_cache_errors
+def pull(url, cache_root, dataset, agent, fingerprint):
+    """Download caches listed in URL/index.json (or one URL/...tar), verify them, then make them visible."""
+    from pipelines.share import pull as pull_caches
+
+    results = pull_caches(url, cache_root, dataset, agent, fingerprint, keep_going=True)
+    for result in results:
+        if result.status == "failed":
+            click.echo(f"failed    {result.name}\n  {result.error}", err=True)
+        else:
+            click.echo(f"{result.status:<9} {result.name} -> {result.path}")
+    failed = sum(result.status == "failed" for result in results)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(results)} pull(s) failed; nothing of them was installed")
+
+
+@cache.command()
+@click.argument("src_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("dst_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@_fail_on_cache_errors
+def merge(src_dir, dst_dir):
+    """Add SRC_DIR's rows to DST_DIR (same fingerprint); rows both hold must be identical."""
+    from cache_schema.pack import merge as merge_caches
+
+    result = merge_caches(src_dir, dst_dir)
+    files = f", {len(result.added_files)} file(s)" if result.added_files else ""
+    click.echo(f"merged {src_dir} into {dst_dir}: {result.added_rows} new row(s){files}, "
+               f"{result.skipped_rows} already present")
+
+
+@cache.command()
+@opt.cache_root
+@opt.runs_root
+@click.option("--apply", "apply_", is_flag=True, help="Delete (default: only list what would be deleted).")
+def gc(cache_root, runs_root, apply_):
+    """Partial caches and caches no run references (runs' config.json `caches`). Dry run unless --apply."""
+    from cache_schema.pack import gc_candidates, referenced_caches, remove_cache
+
+    if referenced_caches(cache_root, runs_root) is None:
+        click.echo(f"no run under {runs_root} lists its caches: only partial caches and leftovers are candidates")
+    candidates = gc_candidates(cache_root, runs_root)
+    if not candidates:
+        click.echo("nothing to collect")
+        return
+    freed = 0
+    for candidate in candidates:
+        if candidate.in_use:
+            click.echo(f"in use    {candidate.path}  ({candidate.reason}; read by {', '.join(candidate.readers)}; "
+                       "kept)")
+        elif not apply_:
+            click.echo(f"would delete {candidate.path}  ({candidate.reason}, {_size(candidate.bytes)})")
+            freed += candidate.bytes
+        elif remove_cache(candidate.path, cache_root):
+            click.echo(f"deleted   {candidate.path}  ({candidate.reason}, {_size(candidate.bytes)})")
+            freed += candidate.bytes
+        else:
+            click.echo(f"in use    {candidate.path}  (a reader appeared; kept)")
+    click.echo(f"{'freed' if apply_ else 'would free'} {_size(freed)}" + ("" if apply_ else "; re-run with --apply"))

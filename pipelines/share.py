@@ -1,0 +1,188 @@
+"""Push and pull cache packs through fsspec URLs (file://, s3://, gs://, ssh://; http(s):// read-only).
+
+Remote layout (DESIGN.md §5): `<url>/<dataset>/<agent>/<fingerprint>.tar` and `<url>/index.json`, a JSON list of
+{dataset, agent, fingerprint, rows, bytes, sha256, schema_version, checksums_sha256, created}, one per pack.
+A push uploads the pack under a temporary name, moves it into place, then rewrites the index (read-modify-write;
+two people pushing at the same instant can lose one index entry: push again). A pull never trusts the transport:
+`cache_schema.pack.install_pack` checks the sha256, the schema version and every file checksum before the cache
+becomes visible.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache_schema import CacheError, SCHEMA_VERSION, read_json
+from cache_schema.pack import (PACK_EXT, Installed, check_name, checksums_digest, incoming_dir, install_pack,
+                               pack_cache)
+
+INDEX = "index.json"
+READ_ONLY_PROTOCOLS = ("http", "https")
+INDEX_FIELDS = ("dataset", "agent", "fingerprint", "rows", "bytes", "sha256", "schema_version")
+
+
+class RemoteError(CacheError):
+    """A remote cannot be reached, read or written as asked."""
+
+
+@contextmanager
+def _talking_to(url: str, action: str):
+    """Turn transport errors (fsspec, aiohttp, botocore, paramiko ...) into one error that names the URL."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except FileNotFoundError as error:
+        raise RemoteError(f"cannot {action} {url}: not found ({error})") from None
+    except Exception as error:  # noqa: BLE001 - every back-end has its own exception types
+        raise RemoteError(f"cannot {action} {url}: {type(error).__name__}: {error}") from None
+
+
+def open_remote(url: str):
+    """(filesystem, root path without trailing slash, protocol) for a URL or a local path."""
+    import fsspec
+
+    with _talking_to(url, "open"):
+        try:
+            fs, root = fsspec.core.url_to_fs(url)
+        except ImportError as error:
+            raise RemoteError(f"{url}: {error}; the sharing back-ends are extras: "
+                              "pip install 'transagent-cache[share]'") from None
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return fs, root.rstrip("/"), protocol
+
+
+def pack_url(root: str, dataset: str, agent: str, fingerprint: str) -> str:
+    return f"{root}/{dataset}/{agent}/{fingerprint}{PACK_EXT}"
+
+
+def read_index(url: str, missing_ok: bool = False) -> list[dict]:
+    fs, root, _ = open_remote(url)
+    return _read_index(fs, root, url, missing_ok)
+
+
+def _read_index(fs, root: str, url: str, missing_ok: bool) -> list[dict]:
+    with _talking_to(url, f"read {INDEX} from"):
+        try:
+            data = fs.cat_file(f"{root}/{INDEX}")
+        except FileNotFoundError:
+            if missing_ok:   # a new remote
+                return []
+            raise
+    try:
+        entries = json.loads(data)
+    except json.JSONDecodeError as error:
+        raise RemoteError(f"{url}/{INDEX} is not valid JSON ({error})") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and set(INDEX_FIELDS) <= set(e) for e in entries):
+        raise RemoteError(f"{url}/{INDEX} is not a cache index (a list of {{{', '.join(INDEX_FIELDS)}}})")
+    return entries
+
+
+def _key(entry: dict) -> tuple[str, str, str]:
+    return entry["dataset"], entry["agent"], entry["fingerprint"]
+
+
+# ---------------------------------------------------------------------------------------------- push
+def push(cache_dir, url: str, replace: bool = False) -> tuple[dict, str]:
+    """Pack a complete cache and upload it with its index entry. Returns (entry, "pushed" | "present" | "replaced").
+
+    A remote pack of the same fingerprint but other content is only overwritten with replace=True (pull it and
+    `cache merge` first, or its rows are lost to others).
+    """
+    cache_dir = Path(cache_dir)
+    fs, root, protocol = open_remote(url)
+    if protocol in READ_ONLY_PROTOCOLS:
+        raise RemoteError(f"{url}: http(s) remotes are read-only; push to file://, s3://, gs:// or ssh:// and serve "
+                          "that directory over http")
+    manifest = read_json(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
+    existing = {_key(e): e for e in _read_index(fs, root, url, missing_ok=True)}
+    key = (manifest.get("dataset"), manifest.get("agent"), cache_dir.name)
+    if key in existing and manifest.get("status") == "complete":
+        if existing[key].get("checksums_sha256") == checksums_digest(manifest):
+            return existing[key], "present"
+        if not replace:
+            raise RemoteError(f"{url} already holds {'/'.join(key)} with other content ({existing[key]['rows']} "
+                              f"rows there, {manifest.get('rows')} here); pull it, `transagent cache merge` it into "
+                              "yours, then push with --replace")
+    with incoming_dir(cache_dir.parent) as scratch:   # beside the cache: same disk, never under list_caches' glob
+        info = pack_cache(cache_dir, scratch / f"{cache_dir.name}{PACK_EXT}")
+        target = pack_url(root, info.dataset, info.agent, info.fingerprint)
+        temporary = f"{target}.tmp-{secrets.token_hex(4)}"
+        with _talking_to(url, "upload to"):
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(scratch / f"{cache_dir.name}{PACK_EXT}"), temporary)
+            fs.mv(temporary, target)
+    entry = info.to_dict()
+    entries = {_key(e): e for e in _read_index(fs, root, url, missing_ok=True)}  # re-read: others may have pushed
+    status = "replaced" if key in entries else "pushed"
+    entries[_key(entry)] = entry
+    data = json.dumps([entries[k] for k in sorted(entries)], indent=1, sort_keys=True) + "\n"
+    with _talking_to(url, f"write {INDEX} to"):
+        temporary = f"{root}/{INDEX}.tmp-{secrets.token_hex(4)}"
+        fs.pipe_file(temporary, data.encode())
+        fs.mv(temporary, f"{root}/{INDEX}")
+    return entry, status
+
+
+# ---------------------------------------------------------------------------------------------- pull
+@dataclass
+class PullResult:
+    name: str                    # dataset/agent/fingerprint, or the pack URL
+    path: Path | None = None
+    status: str = ""             # installed | present | failed
+    error: str = ""
+
+
+def pull(url: str, cache_root, dataset: str | None = None, agent: str | None = None,
+         fingerprint: str | None = None, keep_going: bool = False) -> list[PullResult]:
+    """Pull every pack of the remote's index that matches the filters (or one `.tar` URL) into the cache root.
+
+    With keep_going, a failed pack is reported in its result and the others are still pulled.
+    """
+    cache_root = Path(cache_root)
+    fs, root, _ = open_remote(url)
+    if root.endswith(PACK_EXT):
+        return [_pull_one(fs, root, url, cache_root, None, keep_going)]
+    entries = _read_index(fs, root, url, missing_ok=False)
+    selected = [e for e in entries if (dataset is None or e["dataset"] == dataset) and
+                (agent is None or e["agent"] == agent) and (fingerprint is None or e["fingerprint"] == fingerprint)]
+    if not selected:
+        wanted = ", ".join(f"{k}={v}" for k, v in (("dataset", dataset), ("agent", agent),
+                                                    ("fingerprint", fingerprint)) if v) or "anything"
+        listed = ", ".join("/".join(_key(e)) for e in entries) or "nothing"
+        raise RemoteError(f"{url}/{INDEX} lists no cache matching {wanted}; it lists: {listed}")
+    return [_pull_one(fs, pack_url(root, *_key(entry)), url, cache_root, entry, keep_going) for entry in selected]
+
+
+def _pull_one(fs, remote: str, url: str, cache_root: Path, entry: dict | None, keep_going: bool) -> PullResult:
+    name = "/".join(_key(entry)) if entry else remote
+    try:
+        path, status = _install(fs, remote, url, cache_root, entry)
+        return PullResult(name, path, status)
+    except CacheError as error:
+        if not keep_going:
+            raise
+        return PullResult(name, None, "failed", str(error))
+
+
+def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None) -> tuple[Path, str]:
+    if entry is not None:
+        for field in ("dataset", "agent", "fingerprint"):
+            check_name(f"{url}/{INDEX}", field, entry[field])
+        if entry["schema_version"] != SCHEMA_VERSION:
+            raise RemoteError(f"{url}: {'/'.join(_key(entry))} has cache schema version {entry['schema_version']}, "
+                              f"this code reads version {SCHEMA_VERSION}; use the release that wrote it")
+        local = cache_root.joinpath(*_key(entry))
+        if (local / "manifest.json").is_file():   # skip the download when an identical cache is already here
+            manifest = read_json(local / "manifest.json")
+            if manifest.get("status") == "complete" and checksums_digest(manifest) == entry.get("checksums_sha256"):
+                return local, "present"
+    with incoming_dir(cache_root) as scratch:
+        download = scratch / remote.rsplit("/", 1)[-1]
+        with _talking_to(fs.unstrip_protocol(remote), "download"):
+            fs.get_file(remote, str(download))
+        installed: Installed = install_pack(download, cache_root, expected=entry)
+    return installed.path, installed.status
