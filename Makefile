@@ -28,10 +28,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install the package with [dev]
 
+# The tiny zoo is random networks: their "knowledge" is noise, so the demo weights the language and multi-modal
+# terms lightly (the paper's lambda_LAC = 25 and lambda_MAC = 1 are for the real agents) to still show learning.
+DEMO_FLAGS = --dataset synthetic --preset tiny --data-root demo/data --cache-root demo/cache
 demo: install  ## synthetic dataset + tiny agents on CPU: extract, distill base2novel, print base/novel/HM
-	$(TRANSAGENT) extract --dataset synthetic --preset tiny --data-root data --cache-root cache --seeds 1
-	$(TRANSAGENT) distill --dataset synthetic --preset tiny --data-root data --cache-root cache --runs-root runs \
-		--seeds 1 --epochs 10 --eval-initial
+	$(TRANSAGENT) extract $(DEMO_FLAGS) --seeds 1
+	$(TRANSAGENT) distill $(DEMO_FLAGS) --runs-root demo/runs --seeds 1 --epochs 20 --lambda-lac 1 \
+		--lambda-mac 0.02 --eval-initial
+	$(TRANSAGENT) report demo/runs
 
 extract: install  ## stage 1: the paper's agents on DATASET (GPU; downloads models on first use)
 ifeq ($(GPUS),1)
@@ -63,7 +67,7 @@ else
 endif
 
 report: install  ## results tables (markdown + CSV) and plots from runs/
-	$(TRANSAGENT) report runs
+	$(TRANSAGENT) report
 
 test: install  ## the fast test suite
 	$(PY) -m pytest -m "not slow" -q

@@ -98,7 +98,11 @@ class Trainer:
             language_dim=geometry.embed_dim, multimodal_agents=list(bank.multimodal),
             num_classes=len(classnames)).to(self.device)
         self.parameters = [*self.student.trainable_parameters(), *self.gates.parameters()]
-        self.optimizer = torch.optim.SGD(self.parameters, lr=learning_rate(config, 0), momentum=config.momentum,
+        if not self.parameters and config.epochs > 0:
+            raise ValueError("nothing to train: prompt depth 0 and no agents; zero-shot CLIP is --prompt-depth 0 "
+                             "--epochs 0")
+        self.optimizer = torch.optim.SGD(self.parameters or [torch.zeros(1, requires_grad=True)],
+                                         lr=learning_rate(config, 0), momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         cached_views = bank.available_views()
         self.views = min(config.views or cached_views or 1, cached_views or config.views or 1)

@@ -142,6 +142,8 @@ def distill(options: DistillOptions) -> dict:
             initial = _evaluate_all(trainer.student, dataset, options, evaluate)
         start = time.perf_counter()
         trainer.fit(stop_after_epoch=options.stop_after_epoch)
+        if not (directory / "checkpoint.pt").exists():  # zero epochs: keep the (initial) prompts for `evaluate`
+            trainer.save_checkpoint()
     if trainer.epoch < config.epochs:
         return {"status": "stopped", "epoch": trainer.epoch, "run_dir": str(directory)}
     accuracy = _evaluate_all(trainer.student, dataset, options, evaluate)

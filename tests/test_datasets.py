@@ -313,7 +313,7 @@ def test_synthetic_is_byte_identical_and_idempotent(tmp_path):
     make_synthetic(first, num_classes=3, per_class=(2, 1, 1))
     make_synthetic(second, num_classes=3, per_class=(2, 1, 1))
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert len(files) == 13   # 12 PNGs + split file
+    assert len(files) == 14   # 12 PNGs + split file + descriptions/gpt3.json
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
     png = first / "synthetic" / "images" / "blue_horizontal_stripes" / "0003.png"
     stamp = png.stat().st_mtime_ns
