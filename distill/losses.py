@@ -50,14 +50,16 @@ def agent_layer_map(student_layers: int, agent_layers: int) -> list[int]:
 
 
 def vac_loss(student_tokens: torch.Tensor, agent_tokens: Sequence[torch.Tensor], gates: Sequence,
-             agent_token_means: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             agent_token_means: Sequence[torch.Tensor] | None = None,
+             layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_l L1(student tokens of layer l, normalise(gated agent tokens of the mapped agent layer)).
 
     student_tokens: [Ls, B, T, D], L2-normalised per token (Student.encode_image).
     agent_tokens: K tensors [B, La, T, D] (the cached, normalised agent tokens; all agents share La).
     gates: Ls gates, one per student layer (GateSet.vision).
     agent_token_means: K tensors [B, La, D], the gate inputs; computed from agent_tokens when None.
-    Returns (loss, weights [Ls, B, K]).
+    layers: the 0-based student layers that take part (default: all), for the `--layers` ablation.
+    Returns (loss, weights [len(layers), B, K]).
     """
     if student_tokens.dim() != 4:
         raise ValueError(f"student tokens must be [layers, B, T, D], got {tuple(student_tokens.shape)}")
@@ -79,7 +81,12 @@ def vac_loss(student_tokens: torch.Tensor, agent_tokens: Sequence[torch.Tensor],
         raise ValueError(f"{len(agent_token_means)} token-mean arrays for {len(agent_tokens)} vision agents")
 
     total, weights = student_tokens.new_zeros((), dtype=torch.float32), []
-    for layer, agent_layer in enumerate(agent_layer_map(num_layers, agent_layers)):
+    chosen = range(num_layers) if layers is None else sorted(set(layers))
+    if not chosen or min(chosen) < 0 or max(chosen) >= num_layers:
+        raise ValueError(f"L_VAC layers {list(chosen)} must be within 0..{num_layers - 1}")
+    layer_map = agent_layer_map(num_layers, agent_layers)
+    for layer in chosen:
+        agent_layer = layer_map[layer]
         gate_input = torch.cat([m[:, agent_layer] for m in agent_token_means], dim=-1)
         fused, w = gates[layer](gate_input, [x[:, agent_layer] for x in agent_tokens])
         target = F.normalize(fused.float(), dim=-1)
@@ -194,6 +201,7 @@ class LossWeights:
     mac: float = 1.0
     temperature: float = 1.0
     renormalize_language: bool = True
+    vac_layers: tuple[int, ...] | None = None   # student layers that take part in L_VAC (None = all)
 
 
 def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights = LossWeights(),
@@ -231,7 +239,8 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
             raise ValueError("L_VAC needs student_tokens (Student.encode_image(..., return_tokens=True))")
         names = _require_gates(gates, "vision").vision_agents
         means = ordered(vision_token_means, names, "vision") if vision_token_means is not None else None
-        terms["vac"], w = vac_loss(student_tokens, ordered(vision_tokens, names, "vision"), gates.vision, means)
+        terms["vac"], w = vac_loss(student_tokens, ordered(vision_tokens, names, "vision"), gates.vision, means,
+                                   weights.vac_layers)
         total = total + weights.vac * terms["vac"]
         record("vision", names, w)
     if language_features and weights.lac:

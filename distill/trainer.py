@@ -40,6 +40,7 @@ class RunConfig:
     temperature: float = 1.0
     router: str = "mlp"
     views: int | None = None          # cached views to draw from (None = all cached; 1 = view 0 only)
+    layers: list[int] | None = None   # student layers distilled by L_VAC (None = all)
     epochs: int = 20
     prompt_depth: int = 9
     n_ctx: int = 4
@@ -60,7 +61,8 @@ class RunConfig:
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(vac=self.lambda_vac, lac=self.lambda_lac, rel=self.lambda_rel, mac=self.lambda_mac,
-                           temperature=self.temperature)
+                           temperature=self.temperature,
+                           vac_layers=tuple(self.layers) if self.layers is not None else None)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -21,7 +21,7 @@ from pipelines.presets import resolve_agents, student_spec
 from pipelines.protocols import EPOCHS, PROMPT_DEPTH, harmonic_mean, test_sets, training_set
 
 ABLATION_FLAGS = ("agents", "lambda_vac", "lambda_lac", "lambda_rel", "lambda_mac", "temperature", "router", "views",
-                  "epochs", "prompt_depth")
+                  "layers", "epochs", "prompt_depth")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class DistillOptions:
     temperature: float = 1.0
     router: str = "mlp"
     views: int | None = None
+    layers: tuple[int, ...] | None = None   # student layers distilled by L_VAC (None = all)
     epochs: int | None = None          # None = the protocol's (20 base2novel, 50 fewshot)
     prompt_depth: int | None = None    # None = the protocol's (9; 3 for cross/dg)
     device: str = "cpu"
@@ -68,6 +69,8 @@ def ablation_slug(options: DistillOptions) -> str:
 
 
 def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value)
     return str(value).replace(",", "+").replace("/", "-").replace(" ", "")
 
 
@@ -117,6 +120,7 @@ def distill(options: DistillOptions) -> dict:
         dataset=options.dataset, protocol=options.protocol, shots=options.shots, seed=options.seed, agents=agents,
         lambda_vac=options.lambda_vac, lambda_lac=options.lambda_lac, lambda_rel=options.lambda_rel,
         lambda_mac=options.lambda_mac, temperature=options.temperature, router=options.router, views=options.views,
+        layers=list(options.layers) if options.layers is not None else None,
         epochs=options.epochs if options.epochs is not None else EPOCHS[options.protocol],
         prompt_depth=(options.prompt_depth if options.prompt_depth is not None
                       else min(PROMPT_DEPTH[options.protocol], student.layers)),

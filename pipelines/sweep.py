@@ -65,6 +65,9 @@ def convert_option(name: str, value):
             return float(value)
         if kind == "Path":
             return Path(value)
+        if kind.startswith("tuple"):  # layer lists: [3, 7, 11] in a grid file, "3+7+11" on the command line
+            items = value if isinstance(value, (list, tuple)) else str(value).replace("+", " ").split()
+            return tuple(sorted({int(item) for item in items}))
         if kind == "dict":
             if not isinstance(value, dict):
                 raise ValueError(value)
@@ -174,6 +177,8 @@ def distill_command(options: DistillOptions, python: str = sys.executable) -> li
     for flag, on in (("--eval-initial", o.eval_initial), ("--resume", o.resume), ("--force", o.force)):
         if on:
             command.append(flag)
+    if o.layers is not None:
+        command += ["--layers", ",".join(str(layer) for layer in o.layers)]
     for agent, fingerprint in sorted(o.pins.items()):
         command += ["--cache-fingerprint", f"{agent}={fingerprint}"]
     return command

@@ -79,7 +79,7 @@ def test_ablations_reuse_the_caches_and_never_import_stage_one(workspace):
         import sys
         from click.testing import CliRunner
         from pipelines.cli import main
-        for extra in (["--agents", "dino,sd"], ["--lambda-vac", "0.5", "--router", "noisy-linear"]):
+        for extra in (["--agents", "dino,sd"], ["--lambda-vac", "0.5", "--router", "noisy-linear", "--layers", "0,2"]):
             args = ["distill", "--dataset", "synthetic", "--preset", "tiny", "--data-root", {str(workspace / 'data')!r},
                     "--cache-root", {str(workspace / 'cache')!r}, "--runs-root", {str(workspace / 'ablations')!r},
                     "--shots", "{SHOTS}", "--seeds", "1", "--epochs", "1", *extra]

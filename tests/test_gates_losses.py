@@ -280,3 +280,20 @@ def test_distill_loss_combines_terms(student):
     assert "lac" not in partial and set(partial) == {"ce", "total"}
     ce_only, only = distill_loss(logits.detach(), labels)
     assert set(only) == {"ce", "total"} and math.isclose(ce_only.item(), terms["ce"], rel_tol=1e-6)
+
+
+def test_vac_layer_subset_sums_only_the_chosen_layers():
+    from distill.gates import build_gates
+    from distill.losses import vac_loss
+
+    torch.manual_seed(0)
+    student = torch.nn.functional.normalize(torch.randn(3, 2, 4, 8), dim=-1)
+    agents = [torch.nn.functional.normalize(torch.randn(2, 3, 4, 8), dim=-1) for _ in range(2)]
+    gates = build_gates("mlp", vision_agents=["a", "b"], vision_dim=8, student_layers=3).vision
+    every, _ = vac_loss(student, agents, gates)
+    parts = [vac_loss(student, agents, gates, layers=[layer])[0] for layer in range(3)]
+    subset, weights = vac_loss(student, agents, gates, layers=[0, 2])
+    assert torch.allclose(every, sum(parts)) and torch.allclose(subset, parts[0] + parts[2])
+    assert weights.shape[0] == 2
+    with pytest.raises(ValueError, match="within 0..2"):
+        vac_loss(student, agents, gates, layers=[3])

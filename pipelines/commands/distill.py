@@ -37,6 +37,8 @@ def _parse_pins(ctx, param, values):
 @click.option("--router", type=click.Choice(["mlp", "noisy-linear"]), default="mlp", show_default=True,
               help="Gate type; noisy-linear reproduces the official router.")
 @click.option("--views", type=click.IntRange(1), default=None, help="Cached views to draw from (default: all).")
+@click.option("--layers", default=None, callback=lambda ctx, param, value: _parse_layers(value),
+              help="0-based student layers distilled by L_VAC, e.g. 3,7,11 (default: all).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Default: 20 (base2novel), 50 (fewshot).")
 @click.option("--prompt-depth", type=click.IntRange(0), default=None, help="Default: 9 (3 for cross/dg).")
 @click.option("--device", default="auto", show_default=True)
@@ -49,7 +51,7 @@ def _parse_pins(ctx, param, values):
 @click.option("--cache-fingerprint", "pins", multiple=True, callback=_parse_pins,
               help="AGENT=FINGERPRINT: use this cache when several match.")
 def distill(dataset, data_root, cache_root, runs_root, preset, agents, protocol, shots, seeds, lambda_vac, lambda_lac,
-            lambda_rel, lambda_mac, temperature, router, views, epochs, prompt_depth, device, precision, workers,
+            lambda_rel, lambda_mac, temperature, router, views, layers, epochs, prompt_depth, device, precision, workers,
             eval_initial, resume, force, stop_after_epoch, pins):
     """Stage 2: train prompts + gates against the caches; evaluate the last epoch."""
     from cache_schema import CacheError
@@ -65,7 +67,7 @@ def distill(dataset, data_root, cache_root, runs_root, preset, agents, protocol,
             dataset=dataset, data_root=data_root, cache_root=cache_root, runs_root=runs_root, preset=preset,
             agents=agents, protocol=protocol, shots=shots, seed=seed, lambda_vac=lambda_vac, lambda_lac=lambda_lac,
             lambda_rel=lambda_rel, lambda_mac=lambda_mac, temperature=temperature, router=router, views=views,
-            epochs=epochs, prompt_depth=prompt_depth, device=device, precision=precision, workers=workers,
+            layers=layers, epochs=epochs, prompt_depth=prompt_depth, device=device, precision=precision, workers=workers,
             eval_initial=eval_initial, resume=resume, force=force, stop_after_epoch=stop_after_epoch, pins=pins,
             progress=sys.stderr.isatty())
         try:
@@ -74,6 +76,15 @@ def distill(dataset, data_root, cache_root, runs_root, preset, agents, protocol,
             raise click.ClickException(str(error))
         results.append(result)
         click.echo(format_result(result))
+
+
+def _parse_layers(value):
+    if value in (None, "", "all"):
+        return None
+    try:
+        return tuple(sorted({int(v) for v in value.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"expected 0-based layer indices like 3,7,11, got {value!r}", param_hint="--layers")
 
 
 def format_result(result: dict) -> str:
