@@ -105,7 +105,7 @@ def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], 
             bank.vision[name] = reader
         elif family == "language":
             features = reader.read("class_features", [(c, 0) for c in _check_classes(name, classnames, reader)])
-            target = bank.relational if name == "bert" or _own_space(reader) else bank.language
+            target = bank.relational if _own_space(reader) else bank.language
             target[name] = features.astype(np.float32)
         elif family == "t2i":
             if list(cached_classes) != list(classnames):
@@ -123,7 +123,7 @@ def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], 
 
 def _own_space(reader: CacheReader) -> bool:
     """Language features in an encoder's own space (not the student's) feed L_REL, not L_LAC."""
-    return bool(reader.manifest["fields"]["family"].get("own_space", False))
+    return reader.manifest["fields"]["agent"]["preprocessing"].get("space") == "own"
 
 
 def _check_classes(name, classnames, reader, cached=None):

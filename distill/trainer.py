@@ -106,8 +106,9 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.parameters or [torch.zeros(1, requires_grad=True)],
                                          lr=learning_rate(config, 0), momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        cached_views = bank.available_views()
-        self.views = min(config.views or cached_views or 1, cached_views or config.views or 1)
+        # Views drawn per image: as asked, else all that are cached, else the extract default (4) - view
+        # parameters need no cache, so a run without vision agents sees the same augmentation distribution.
+        self.views = config.views or bank.available_views() or 4
         self.view_spec = bank.view_spec or ViewSpec()
         self.epoch = 0
         self.mean = getattr(self.student.clip.visual, "image_mean", None) or CLIP_MEAN

@@ -15,11 +15,12 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from cache_schema import AgentCache, read_json
+from cache_schema.fingerprint import sha256_file
 from cache_schema.pack import reading
 from cache_schema.store import MANIFEST, ROWS, cache_dir, with_schema
 from extract.agents.base import AgentSpec, LoadRequest
@@ -31,6 +32,8 @@ class AgentJob:
     spec: AgentSpec
     ctx: ExtractContext
     request: LoadRequest
+    weights: dict[str, str] | None = None      # sha256 per file of a local weights directory (part of the fingerprint)
+    skipped_keys: tuple[str, ...] = ()         # unreadable images left out with --on-error skip
 
 
 @dataclass
@@ -48,17 +51,31 @@ class AgentReport:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Progress:
+    """How far one agent got; read when it fails, to say what failed (loading or computing) and what was kept."""
+
+    phase: str = "planning"
+    rows: int = 0
+    model_loaded: bool = False
+
+
 def family_module(family: str):
     return importlib.import_module(f"extract.families.{family}")
 
 
+# ---- identity: what a job's cache is, computable without loading anything ---------------------------------------
+
 def cache_fields(job: AgentJob) -> dict:
     """Everything that changes this agent's numbers. Computable without loading the model."""
-    return {
+    fields = {
         "agent": job.spec.fingerprint_fields(job.request.tiny),
         "dataset": {"name": job.ctx.dataset, "split_hash": job.ctx.split_hash},
         "family": family_module(job.spec.family).fingerprint_fields(job.ctx),
     }
+    if job.weights is not None:  # a local directory: its content, not its path, is the identity
+        fields["agent"] = {**fields["agent"], "local_weights": job.weights}
+    return fields
 
 
 def planned_path(job: AgentJob, cache_root) -> Path:
@@ -82,8 +99,88 @@ def is_complete(job: AgentJob, cache_root) -> bool:
     return all(row in present for row in needed_rows(job))
 
 
+def local_weights(directory, memo_file: Path | None = None) -> dict[str, str]:
+    """{relative file: sha256} of every file under a local weights directory.
+
+    Hashing a 7B checkpoint takes a minute, so digests are memoised in `memo_file` by (absolute path, size,
+    mtime): a repeated `extract` only stats the files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"local weights directory {directory} does not exist")
+    memo = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+    digests, changed = {}, False
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        stat = file.stat()
+        key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
+        entry = memo.get(key)
+        if entry is None or entry[:2] != stamp:
+            memo[key] = entry = [*stamp, sha256_file(file)]
+            changed = True
+        digests[file.relative_to(directory).as_posix()] = entry[2]
+    if not digests:
+        raise FileNotFoundError(f"local weights directory {directory} is empty")
+    if changed and memo_file is not None:
+        try:  # an optimisation only: a failed write costs a re-hash next time
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(memo, sort_keys=True))
+            os.replace(temporary, memo_file)
+        except OSError:
+            pass
+    return digests
+
+
+# ---- inputs: every needed image must open before any model loads ------------------------------------------------
+
+def image_keys(job: AgentJob) -> list[str]:
+    """The dataset images this job reads (language agents read class names, no image)."""
+    keys = set(job.ctx.keys)
+    return sorted({key for key, _ in needed_rows(job) if key in keys})
+
+
+def unreadable_images(jobs: list[AgentJob]) -> dict[str, str]:
+    """{key: reason} for every image the jobs need that is missing or that Pillow cannot identify (header only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    problems, seen = {}, set()
+    for job in jobs:
+        for key in image_keys(job):
+            path = job.ctx.image_path(key)
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                with Image.open(path) as image:
+                    image.size  # noqa: B018 - the header is read by open(); nothing is decoded
+            except FileNotFoundError:
+                problems[key] = f"missing ({path})"
+            except (UnidentifiedImageError, OSError, ValueError) as error:
+                problems[key] = f"unreadable ({type(error).__name__}: {error})"
+    return dict(sorted(problems.items()))
+
+
+def drop_keys(jobs: list[AgentJob], keys) -> list[AgentJob]:
+    """The jobs without these images (`--on-error skip`); each job remembers which of its images it left out."""
+    keys = set(keys)
+    out = []
+    for job in jobs:
+        skipped = tuple(key for key in image_keys(job) if key in keys)
+        ctx = replace(job.ctx, keys=[key for key in job.ctx.keys if key not in keys])
+        out.append(replace(job, ctx=ctx, skipped_keys=tuple(sorted({*job.skipped_keys, *skipped}))))
+    return out
+
+
+# ---- running ----------------------------------------------------------------------------------------------------
+
 def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, world_size: int = 1,
-              barrier: Callable[[], None] = lambda: None, progress: bool = True) -> AgentReport:
+              barrier: Callable[[], None] = lambda: None, progress: bool = True,
+              state: _Progress | None = None) -> AgentReport:
+    state = state or _Progress()
     path = planned_path(job, cache_root)
     if is_complete(job, cache_root):
         return AgentReport(job.spec.name, "skipped", str(path))
@@ -93,7 +190,11 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
     runtime = None
     try:
         family = family_module(job.spec.family)
+        state.phase = "loading"
         runtime = job.spec.load(job.request)
+        state.model_loaded = True
+        monitor.sample()
+        state.phase = "planning"
         arrays = family.arrays(runtime, job.ctx)
         fields = cache_fields(job)
         if rank == 0:  # one process creates the directory and manifest ...
@@ -104,12 +205,12 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
         barrier()
         if rank == 0:  # ... and only then are new segments created
             cache.create_segments()
-            revision = getattr(runtime, "resolved_revision", None)
-            if revision:
-                cache.set_provenance("resolved_revision", revision)
+            _record_provenance(cache, runtime, job)
         barrier()
+        state.phase = "computing"
         with reading(cache.path):  # `cache gc` must not take a cache that is being written for a partial leftover
-            computed = _compute_segments(cache, plan[rank], runtime, family, job, progress)
+            _compute_segments(cache, plan[rank], runtime, family, job, progress, state, monitor)
+        state.phase = "finishing"
         if rank == 0:
             for name, data in family.extra_files(runtime, job.ctx).items():
                 cache.add_file(name, data)
@@ -122,27 +223,41 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
         _empty_device_cache(job.request.device)
         monitor.stop()
     seconds = time.perf_counter() - start
-    return AgentReport(job.spec.name, "done", str(path), rows=computed, seconds=round(seconds, 3),
-                       images_per_second=round(computed / seconds, 3) if seconds else 0.0,
-                       peak_rss_bytes=monitor.peak_rss, peak_gpu_bytes=monitor.peak_gpu, model_loaded=True)
+    extra = {"skipped_keys": list(job.skipped_keys)} if job.skipped_keys else {}
+    return AgentReport(job.spec.name, "done", str(path), rows=state.rows, seconds=round(seconds, 3),
+                       images_per_second=round(state.rows / seconds, 3) if seconds else 0.0,
+                       peak_rss_bytes=monitor.peak_rss, peak_gpu_bytes=monitor.peak_gpu, model_loaded=True,
+                       extra=extra)
 
 
-def _compute_segments(cache, assignments, runtime, family, job, progress) -> int:
+def _record_provenance(cache: AgentCache, runtime, job: AgentJob) -> None:
+    """Facts about this run that do not change the numbers: the resolved hub commit, the weights' source record,
+    and the images `--on-error skip` left out (cleared again once a later run has them)."""
+    revision = getattr(runtime, "resolved_revision", None)
+    if revision:
+        cache.set_provenance("resolved_revision", revision)
+    source = getattr(runtime, "source", None)
+    if isinstance(source, dict) and source:
+        cache.set_provenance("source", source)
+    if job.skipped_keys or "skipped_keys" in cache.manifest.get("provenance", {}):
+        cache.set_provenance("skipped_keys", list(job.skipped_keys))
+
+
+def _compute_segments(cache, assignments, runtime, family, job, progress, state, monitor) -> None:
     from tqdm import tqdm
 
     total = sum(len(rows) for _, rows in assignments)
     bar = tqdm(total=total, desc=f"extract {job.spec.name}", unit="row", disable=not progress)
-    computed = 0
     for name, local_rows in assignments:
         with cache.segment_writer(name) as writer, BackgroundWriter(writer) as background:
             for start in range(0, len(local_rows), job.ctx.batch_size):
                 batch = local_rows[start:start + job.ctx.batch_size]
                 arrays = family.compute(runtime, [writer.rows[i] for i in batch], job.ctx)
+                monitor.sample()
                 background.put(batch, arrays)
-                computed += len(batch)
+                state.rows += len(batch)
                 bar.update(len(batch))
     bar.close()
-    return computed
 
 
 class BackgroundWriter:
@@ -182,7 +297,10 @@ class BackgroundWriter:
 
 
 class MemoryMonitor:
-    """Peak resident memory (sampled) and peak GPU allocation while one agent runs."""
+    """Peak resident memory and peak GPU allocation while one agent runs.
+
+    RSS is sampled on a thread and at the points where it peaks (model loaded, batch computed), so a short run
+    still records its model."""
 
     def __init__(self, device: str, interval: float = 0.05):
         self.device, self.interval = device, interval
@@ -190,9 +308,12 @@ class MemoryMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, current_rss())
+
     def _loop(self):
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, current_rss())
+            self.sample()
             self._stop.wait(self.interval)
 
     def start(self):
@@ -205,7 +326,7 @@ class MemoryMonitor:
     def stop(self):
         self._stop.set()
         self._thread.join()
-        self.peak_rss = max(self.peak_rss, current_rss())
+        self.sample()
         if self.device.startswith("cuda"):
             import torch
 
@@ -230,37 +351,69 @@ def _empty_device_cache(device: str) -> None:
 def run(jobs: list[AgentJob], cache_root, backend: str = "zarr", log_path: Path | None = None, rank: int = 0,
         world_size: int = 1, barrier: Callable[[], None] = lambda: None, progress: bool = True,
         keep_going: bool = True) -> list[AgentReport]:
-    """Run agents one after another. A failing agent (e.g. out of memory) leaves the others' caches valid."""
+    """Run agents one after another. A failing agent (out of memory, a full disk, a missing checkpoint) is reported
+    with what to do about it; the caches of agents that finished stay complete, and with `keep_going` the
+    remaining agents still run."""
     reports = []
     for job in jobs:
+        state = _Progress()
         try:
-            report = run_agent(job, cache_root, backend, rank, world_size, barrier, progress)
+            report = run_agent(job, cache_root, backend, rank, world_size, barrier, progress, state)
         except Exception as error:  # noqa: BLE001 - reported per agent, then re-raised or collected
-            report = AgentReport(job.spec.name, "failed", str(planned_path(job, cache_root)), error=explain(error, job))
+            report = AgentReport(job.spec.name, "failed", str(planned_path(job, cache_root)), rows=state.rows,
+                                 model_loaded=state.model_loaded, error=explain(error, job, state.phase),
+                                 extra={"phase": state.phase})
             if not keep_going:
-                _log(log_path, report, rank)
+                log(log_path, report, rank)
                 raise
         reports.append(report)
-        _log(log_path, report, rank)
+        log(log_path, report, rank)
     return reports
 
 
-def explain(error: BaseException, job: AgentJob) -> str:
-    """A message that names what to do about the common failures."""
+def explain(error: BaseException, job: AgentJob, phase: str = "computing") -> str:
+    """The error and what to do about it, for the failures a long extraction meets: memory and disk."""
     text = f"{type(error).__name__}: {error}"
-    if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
-        return (f"{text}\n  agent {job.spec.name!r} ran out of memory at --batch-size {job.ctx.batch_size}; "
-                "finished agents' caches stay valid; re-run with a smaller --batch-size (rows already written are kept)")
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"{text}\n  the disk is full; the cache stays partial and a re-run resumes after space is freed"
+    name = job.spec.name
+    if _is_out_of_memory(error):
+        if phase == "loading":
+            return (f"{text}\n  agent {name!r} does not fit in memory on {job.request.device} "
+                    f"({job.request.dtype}); free the device or use a larger one. Finished agents' caches stay "
+                    "complete.")
+        return (f"{text}\n  agent {name!r} ran out of memory at --batch-size {job.ctx.batch_size}; re-run with a "
+                "smaller --batch-size (rows already written are kept). Finished agents' caches stay complete.")
+    if _is_disk_full(error):
+        return (f"{text}\n  the disk is full: the cache of agent {name!r} stays partial, finished agents' caches "
+                "stay complete; free space (e.g. `transagent cache gc`) and re-run the same command, which resumes "
+                "after the rows already written.")
     return text
 
 
-def _log(log_path, report: AgentReport, rank: int) -> None:
+def _causes(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return any(isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+               or (isinstance(e, OSError) and e.errno == errno.ENOMEM) or "out of memory" in str(e).lower()
+               for e in _causes(error))
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _causes(error))
+
+
+def log(log_path, entry, rank: int) -> None:
+    """Append one JSON line (an AgentReport or a dict) to the extraction log."""
     if log_path is None:
         return
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rank": rank, **report.__dict__}
+    data = entry.__dict__ if isinstance(entry, AgentReport) else dict(entry)
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rank": rank, **data}
     with open(log_path, "a") as handle:
-        handle.write(json.dumps(entry) + "\n")
+        handle.write(json.dumps(line) + "\n")

@@ -8,7 +8,11 @@ from pathlib import Path
 from pipelines.presets import resolve_agents, student_spec
 from pipelines.protocols import training_class_set, training_set
 
-VISION_ROW_EXTRAS = 4 * 5  # views row (int32 x 5)
+VISION_ROW_EXTRAS = 4 * 5     # views row (int32 x 5)
+T2I_MAX_RESOLUTIONS = 3       # SD v1.4 at 512 px: 16², 32², 64² latent grids; PixArt has one
+I2T_MAX_FEATURE_DIM = 4096    # image_features: BLIP-2 OPT-2.7b 2560, Shikra (LLaMA-7B) 4096
+LANGUAGE_MAX_DIM = 4096       # class_features: CLIP text 512, MiniLM 384; room for larger encoders
+WEIGHTS_MEMO = ".weights-sha256.json"   # under the cache root: digests of local weight files by (path, size, mtime)
 
 
 @dataclass
@@ -46,11 +50,13 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
     from extract.agents import registry
     from extract.agents.base import LoadRequest, Source
     from extract.families import ExtractContext
-    from extract.runner import AgentJob
+    from extract.runner import AgentJob, local_weights
     from pipelines.datasets import load_dataset
 
-    dataset = dataset or load_dataset(options.dataset, options.data_root)
+    # Images are checked later, and only those the jobs need (`--on-error` decides what a bad one does).
+    dataset = dataset or load_dataset(options.dataset, options.data_root, verify=False)
     agents = registry()
+    check_agent_options(options, agents)
     student = student_info(options.preset)
     keys_by_class_set: dict[str, set[str]] = {}
     for protocol in options.protocols:
@@ -69,7 +75,10 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
             views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
             token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
             options=agent_options)
-        source = Source(local_path=options.agent_paths[name]) if name in options.agent_paths else None
+        source, weights = None, None
+        if name in options.agent_paths:
+            source = Source(local_path=str(options.agent_paths[name]))
+            weights = local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
         request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
                               dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
                               options=agent_options)
@@ -77,10 +86,25 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
             for class_set, keys in sorted(keys_by_class_set.items()):
                 classnames = class_subset(dataset.classnames, class_set)
                 jobs.append(AgentJob(spec, replace(base_ctx, keys=sorted(keys), classnames=classnames,
-                                                   class_set=class_set), request))
+                                                   class_set=class_set), request, weights))
         else:
-            jobs.append(AgentJob(spec, base_ctx, request))
+            jobs.append(AgentJob(spec, base_ctx, request, weights))
     return jobs
+
+
+def check_agent_options(options: ExtractOptions, agents) -> None:
+    """Per-agent flags must name known agents, and local weights must exist (checked before anything loads)."""
+    for flag, given in (("--agent-path", options.agent_paths), ("--descriptions", options.agent_options)):
+        unknown = sorted(set(given) - set(agents))
+        if unknown:
+            raise ValueError(f"{flag} {', '.join(unknown)}: unknown agent(s); known agents: {', '.join(agents)}")
+    if options.agent_paths and options.preset == "tiny":
+        raise ValueError("--agent-path loads real weights, but --preset tiny builds every agent from its tiny "
+                         "config; use --preset paper")
+    for name, path in sorted(options.agent_paths.items()):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--agent-path {name}={path}: no such directory (a transformers-format model "
+                                    f"directory; `transagent agents convert` writes one for vitdet and shikra)")
 
 
 def default_agent_options(dataset, agent: str) -> dict:
@@ -109,10 +133,12 @@ def estimate_bytes(jobs: list) -> dict[str, int]:
             if ctx.dtype == "int8":
                 per_row += layers * tokens * 4
             sizes[key] = per_row * len(ctx.keys) * ctx.views
-        elif job.spec.family in ("t2i", "i2t"):
-            sizes[key] = len(ctx.keys) * len(ctx.classnames) * 4 * 4
+        elif job.spec.family == "t2i":
+            sizes[key] = len(ctx.keys) * T2I_MAX_RESOLUTIONS * len(ctx.classnames) * 4
+        elif job.spec.family == "i2t":  # scores [N, C] + image_features [N, d], float32
+            sizes[key] = len(ctx.keys) * (len(ctx.classnames) + I2T_MAX_FEATURE_DIM) * 4
         else:
-            sizes[key] = len(ctx.classnames) * 4096 * 4
+            sizes[key] = len(ctx.classnames) * LANGUAGE_MAX_DIM * 4
     return sizes
 
 

@@ -66,6 +66,7 @@ SPEC = AgentSpec(
     family="language",
     source=SOURCE,
     preprocessing={
+        "space": "own",  # class features in the encoder's own space: stage 2 uses them for L_REL
         "text": "the dataset template per class",
         "tokens": f"truncated to {MAX_LENGTH}",
         "pooling": "mean over real tokens (attention mask) of the last hidden state, L2-normalised",

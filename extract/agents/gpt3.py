@@ -32,6 +32,7 @@ SPEC = AgentSpec(
     source=Source(note="descriptions JSON file {classname: [description, ...]} given as agent option "
                        "'descriptions' (e.g. ProText template_protext/<Dataset>_prompts.json)"),
     preprocessing={
+        "space": "student",  # class features in the student's text space: stage 2 uses them for L_LAC
         "text": "every description of the class (keys matched case-insensitively, '_' = ' ')",
         "encoder": "frozen student CLIP text encoder (open_clip, fp32, 77-token context)",
         "pooling": "mean of un-normalised description features, then L2-normalised",

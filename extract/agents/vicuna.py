@@ -122,6 +122,7 @@ SPEC = AgentSpec(
     family="language",
     source=SOURCE,
     preprocessing={
+        "space": "student",  # class features in the student's text space: stage 2 uses them for L_LAC
         "chat_template": CHAT_TEMPLATE,
         "generation": {**GENERATION, "decoding": "greedy (1 answer) / beam search returning the best N beams"},
         "text": "every answer to every question, whitespace-collapsed",

@@ -9,6 +9,8 @@ import click
 
 from pipelines import options as opt
 
+MAX_LISTED = 10  # bad images named in an error
+
 
 def _parse_layers(ctx, param, value):
     if value in (None, "", "all"):
@@ -67,11 +69,16 @@ def _parse_ints(ctx, param, value):
               help="AGENT=FILE: class descriptions JSON for a language agent (e.g. gpt3=gpt3_eurosat.json).")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
               help="JSON-lines log (default: <cache-root>/<dataset>/extract.jsonl).")
+@click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+              help="A needed image is missing or unreadable: stop before any model loads, or leave it out "
+                   "(listed in the log and in the cache manifest).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and size estimate, write nothing.")
 def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views, view_seed, layers,
-            token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, dry_run):
+            token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, on_error,
+            dry_run):
     """Stage 1: run each agent once and cache what it knows."""
-    from extract.runner import is_complete, run
+    from extract.runner import drop_keys, is_complete, log, run, unreadable_images
+    from pipelines.datasets import DatasetError
     from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -83,12 +90,27 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
         agent_paths=agent_paths, agent_options={name: {"descriptions": path} for name, path in descriptions.items()})
     try:
         jobs = build_jobs(options)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, OSError, KeyError, DatasetError) as error:
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
     todo = [job for job in jobs if not is_complete(job, cache_root)]
+    say = click.echo if rank == 0 else (lambda *a, **k: None)
+    log_path = log_path or Path(cache_root) / dataset / "extract.jsonl"
+    bad = unreadable_images(todo)
+    if bad:
+        listed = "\n".join(f"  {key}: {reason}" for key, reason in list(bad.items())[:MAX_LISTED])
+        if on_error == "stop":
+            raise click.ClickException(
+                f"{len(bad)} image(s) needed for extraction cannot be read; the first {min(len(bad), MAX_LISTED)}:"
+                f"\n{listed}\nNothing was written. Restore them, or re-run with --on-error skip to leave them out.")
+        todo = drop_keys(todo, bad)
+        if not any(job.ctx.keys for job in todo):
+            raise click.ClickException(f"none of the images needed for extraction can be read:\n{listed}")
+        say(f"skipping {len(bad)} unreadable image(s) (--on-error skip):\n{listed}")
+        if rank == 0 and not dry_run:
+            log(log_path, {"event": "skipped_images", "count": len(bad), "images": bad}, rank)
+        todo = [job for job in todo if not is_complete(job, cache_root)]
     sizes = estimate_bytes(todo)
     total = sum(sizes.values())
-    say = click.echo if rank == 0 else (lambda *a, **k: None)
     say(f"extract {dataset} ({', '.join(protocols)}, shots {','.join(map(str, shots))}, seeds "
         f"{','.join(map(str, seeds))}): {len(jobs)} job(s), {len(jobs) - len(todo)} already complete")
     for name, size in sizes.items():
@@ -110,15 +132,25 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
 
         register_model_configs()
     barrier = _distributed_barrier(world_size, device)
-    log_path = log_path or Path(cache_root) / dataset / "extract.jsonl"
-    reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
-                  barrier=barrier, progress=sys.stderr.isatty() or rank == 0, keep_going=world_size == 1)
+    try:
+        reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
+                      barrier=barrier, progress=sys.stderr.isatty() or rank == 0, keep_going=world_size == 1)
+    finally:
+        _destroy_process_group(world_size)
     failed = [report for report in reports if report.status == "failed"]
     for report in reports:
         say(f"  {report.agent:<8} {report.status:<8} rows {report.rows:>6}  {report.seconds:8.1f} s  "
             f"{report.images_per_second:8.1f} rows/s  peak RSS {format_bytes(report.peak_rss_bytes)}")
     if failed:
         raise click.ClickException("\n".join(f"agent {r.agent} failed: {r.error}" for r in failed))
+
+
+def _destroy_process_group(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _resolve_device(device: str) -> str:
