@@ -194,6 +194,10 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
         runtime = job.spec.load(job.request)
         state.model_loaded = True
         monitor.sample()
+        # Extra files first, before any directory exists: they read every class at once (e.g. descriptions), so
+        # a bad agent input fails here naming everything wrong with it, not one batch's worth later.
+        state.phase = "preparing"
+        extra_files = family.extra_files(runtime, job.ctx) if rank == 0 else {}
         state.phase = "planning"
         arrays = family.arrays(runtime, job.ctx)
         fields = cache_fields(job)
@@ -212,7 +216,7 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
             _compute_segments(cache, plan[rank], runtime, family, job, progress, state, monitor)
         state.phase = "finishing"
         if rank == 0:
-            for name, data in family.extra_files(runtime, job.ctx).items():
+            for name, data in extra_files.items():
                 cache.add_file(name, data)
         barrier()
         if rank == 0:

@@ -35,3 +35,18 @@ def _parse_seeds(ctx, param, value):
 
 seeds = click.option("--seeds", default="1", show_default=True, callback=_parse_seeds,
                      help="Comma-separated seeds, e.g. 1,2,3.")
+
+
+def parse_agent_pairs(ctx, param, values) -> dict[str, str]:
+    """Repeated AGENT=VALUE flags (--agent-path, --descriptions, --cache-fingerprint) -> {agent: value}."""
+    pairs = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"expected AGENT=VALUE, got {value!r}")
+        pairs[name.strip()] = rest.strip()
+    return pairs
+
+
+cache_fingerprints = click.option("--cache-fingerprint", "pins", multiple=True, callback=parse_agent_pairs,
+                                  help="AGENT=FINGERPRINT: use this cache when several match.")

@@ -9,15 +9,6 @@ import click
 from pipelines import options as opt
 
 
-def _parse_pins(ctx, param, values):
-    pins = {}
-    for value in values:
-        name, sep, fingerprint = value.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected AGENT=FINGERPRINT, got {value!r}")
-        pins[name.strip()] = fingerprint.strip()
-    return pins
-
 
 @click.command()
 @opt.dataset
@@ -48,8 +39,7 @@ def _parse_pins(ctx, param, values):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Delete an existing run directory and start over.")
 @click.option("--stop-after-epoch", type=click.IntRange(1), default=None, hidden=True)
-@click.option("--cache-fingerprint", "pins", multiple=True, callback=_parse_pins,
-              help="AGENT=FINGERPRINT: use this cache when several match.")
+@opt.cache_fingerprints
 def distill(dataset, data_root, cache_root, runs_root, preset, agents, protocol, shots, seeds, lambda_vac, lambda_lac,
             lambda_rel, lambda_mac, temperature, router, views, layers, epochs, prompt_depth, device, precision, workers,
             eval_initial, resume, force, stop_after_epoch, pins):

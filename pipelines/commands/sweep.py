@@ -16,15 +16,6 @@ DEFAULTS = DistillOptions()
 NOT_OPTIONS = ("grid", "processes", "gpus", "log_dir", "dry_run")   # how to run, not what
 
 
-def _parse_pins(ctx, param, values):
-    pins = {}
-    for value in values:
-        name, sep, fingerprint = value.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected AGENT=FINGERPRINT, got {value!r}")
-        pins[name.strip()] = fingerprint.strip()
-    return pins
-
 
 @click.command()
 @click.option("--datasets", "--dataset", "datasets", default="eurosat", show_default=True,
@@ -58,8 +49,7 @@ def _parse_pins(ctx, param, values):
 @click.option("--eval-initial", is_flag=True, help="Also evaluate the prompts before training (epoch 0).")
 @click.option("--resume", is_flag=True, help="Continue interrupted cells from their last checkpoint.")
 @click.option("--force", is_flag=True, help="Delete existing run directories of the cells and start over.")
-@click.option("--cache-fingerprint", "pins", multiple=True, callback=_parse_pins,
-              help="AGENT=FINGERPRINT: use this cache when several match.")
+@opt.cache_fingerprints
 @click.option("--grid", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="JSON grid file (keys: datasets, shots, seeds, ablations and any option above, snake_case); "
                    "options given on the command line override it.")
