@@ -15,7 +15,7 @@ EXTRACT_PROTOCOL = $(if $(filter fewshot cross,$(PROTOCOL)),fewshot,base2novel)
 SEEDS_CSV = $(subst $(eval) ,$(comma),$(strip $(SEEDS)))
 comma := ,
 
-.PHONY: help install demo extract distill sweep test report
+.PHONY: help install demo extract distill sweep test report bench
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,3 +71,6 @@ report: install  ## results tables (markdown + CSV) and plots from runs/
 
 test: install  ## the fast test suite
 	$(PY) -m pytest -m "not slow" -q
+
+bench: install  ## performance benchmarks -> bench/results.json + a table (QUICK=1: the few-minute version)
+	$(TRANSAGENT) bench $(if $(QUICK),--quick)

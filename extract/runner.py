@@ -58,6 +58,8 @@ class _Progress:
     phase: str = "planning"
     rows: int = 0
     model_loaded: bool = False
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: int = 0
 
 
 def family_module(family: str):
@@ -226,6 +228,7 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
         gc.collect()
         _empty_device_cache(job.request.device)
         monitor.stop()
+        state.peak_rss_bytes, state.peak_gpu_bytes = monitor.peak_rss, monitor.peak_gpu
     seconds = time.perf_counter() - start
     extra = {"skipped_keys": list(job.skipped_keys)} if job.skipped_keys else {}
     return AgentReport(job.spec.name, "done", str(path), rows=state.rows, seconds=round(seconds, 3),
@@ -254,14 +257,23 @@ def _compute_segments(cache, assignments, runtime, family, job, progress, state,
     bar = tqdm(total=total, desc=f"extract {job.spec.name}", unit="row", disable=not progress)
     for name, local_rows in assignments:
         with cache.segment_writer(name) as writer, BackgroundWriter(writer) as background:
-            for start in range(0, len(local_rows), job.ctx.batch_size):
-                batch = local_rows[start:start + job.ctx.batch_size]
+            for batch, todo in aligned_batches(local_rows, len(writer.rows), job.ctx.batch_size):
                 arrays = family.compute(runtime, [writer.rows[i] for i in batch], job.ctx)
                 monitor.sample()
-                background.put(batch, arrays)
-                state.rows += len(batch)
-                bar.update(len(batch))
+                keep = [batch.index(i) for i in todo]
+                background.put(todo, {key: value[keep] for key, value in arrays.items()})
+                state.rows += len(todo)
+                bar.update(len(todo))
     bar.close()
+
+
+def aligned_batches(todo: list[int], segment_rows: int, batch_size: int):
+    """(batch, rows to write) on fixed boundaries of the segment, so a resumed run computes every row in the same
+    batch as an uninterrupted run would (batch composition can change the last bits, e.g. through padding)."""
+    missing = set(todo)
+    for first in sorted({row // batch_size * batch_size for row in todo}):
+        batch = list(range(first, min(first + batch_size, segment_rows)))
+        yield batch, [row for row in batch if row in missing]
 
 
 class BackgroundWriter:
@@ -365,11 +377,15 @@ def run(jobs: list[AgentJob], cache_root, backend: str = "zarr", log_path: Path 
             report = run_agent(job, cache_root, backend, rank, world_size, barrier, progress, state)
         except Exception as error:  # noqa: BLE001 - reported per agent, then re-raised or collected
             report = AgentReport(job.spec.name, "failed", str(planned_path(job, cache_root)), rows=state.rows,
+                                 peak_rss_bytes=state.peak_rss_bytes, peak_gpu_bytes=state.peak_gpu_bytes,
                                  model_loaded=state.model_loaded, error=explain(error, job, state.phase),
                                  extra={"phase": state.phase})
             if not keep_going:
                 log(log_path, report, rank)
                 raise
+        if report.status == "failed":  # the traceback held the failed agent's frames: free them before the next
+            gc.collect()
+            _empty_device_cache(job.request.device)
         reports.append(report)
         log(log_path, report, rank)
     return reports

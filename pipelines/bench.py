@@ -97,19 +97,21 @@ class Plan:
     gpu_warmup: int = 3
     gpu_reps: int = 10
     gpu_extract_rows: int = 128
+    gpu_extract_batch: int = 32
 
 
 PLANS = {
-    "full": Plan("full", VIT_B16, warmup=1, live_warmup=1, reps=3, memory_steps=2, cache_rows=32, extract_rows=16,
+    "full": Plan("full", VIT_B16, warmup=1, live_warmup=1, reps=3, memory_steps=2, cache_rows=32, extract_rows=32,
                  extract_batch=8, extract_reps=3, read_batches=200, scaling_rows=(100, 1_000, 10_000),
                  repeat_runs=3),
-    "quick": Plan("quick", VIT_B16, warmup=1, live_warmup=0, reps=1, memory_steps=1, cache_rows=8, extract_rows=8,
+    "quick": Plan("quick", VIT_B16, warmup=1, live_warmup=0, reps=1, memory_steps=1, cache_rows=8, extract_rows=16,
                   extract_batch=8, extract_reps=1, read_batches=50, scaling_rows=(100, 1_000), repeat_runs=1,
                   gpu_reps=5),
     # tiny shapes, one step of everything: the harness's own test (tests/test_bench.py)
     "smoke": Plan("smoke", TINY, warmup=0, live_warmup=0, reps=1, memory_steps=1, cache_rows=8, extract_rows=4,
                   extract_batch=2, extract_reps=1, read_batches=5, scaling_rows=(8, 16), repeat_runs=1,
-                  memory_variants=("student", "cached"), gpu_warmup=0, gpu_reps=1, gpu_extract_rows=4),
+                  memory_variants=("cached",), gpu_warmup=0, gpu_reps=1, gpu_extract_rows=4,
+                  gpu_extract_batch=2),
 }
 
 
@@ -535,7 +537,9 @@ def stage2_timing(plan: Plan, cache_root: Path, device: str, run_dir: Path) -> d
         cached.teacher_inputs([key for key, _, _ in batch], [view for _, view, _ in batch])
         sync()
         fetch.append(time.perf_counter() - start)
-    return {"seconds": times, "fetch_seconds": fetch, "warmup": warmups, "reps": reps}
+    gate_parameters = sum(p.numel() for p in cached.gates.parameters())
+    return {"seconds": times, "fetch_seconds": fetch, "warmup": warmups, "reps": reps,
+            "gate_parameters": gate_parameters}
 
 
 def memory_in_fresh_processes(plan: Plan, cache_root: Path, device: str, run_dir: Path) -> dict:
@@ -556,6 +560,11 @@ def run_worker(args: list[str], timeout: float = 1800) -> dict:
         raise RuntimeError(f"bench worker failed ({' '.join(args[:3])}...): exit {done.returncode}\n"
                            f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def vision_row_bytes(shapes: Shapes) -> int:
+    """One cached vision row: fp16 tokens [L, T, D] + fp32 token means [L, D] + the view (5 x int32)."""
+    return shapes.layers * shapes.tokens * shapes.width * 2 + shapes.layers * shapes.width * 4 + 20
 
 
 def teacher_batch_bytes(shapes: Shapes) -> int:
@@ -611,7 +620,9 @@ def extraction_vs_forward(plan: Plan, work: Path, device: str) -> dict:
     from PIL import Image
 
     shapes = plan.shapes
-    rows = plan.gpu_extract_rows if device.startswith("cuda") else plan.extract_rows
+    cuda = device.startswith("cuda")
+    rows = plan.gpu_extract_rows if cuda else plan.extract_rows
+    batch_size = plan.gpu_extract_batch if cuda else plan.extract_batch
     image_root = work / "extract-images"
     keys = write_images(image_root, rows // 2, (320, 240))
     base_spec = agent_spec("dino", shapes)
@@ -624,13 +635,13 @@ def extraction_vs_forward(plan: Plan, work: Path, device: str) -> dict:
         return runtime
 
     spec = dataclasses.replace(base_spec, load=timed_load)
-    job = _extract_job(spec, shapes, image_root, keys, 2, plan.extract_batch, device)
+    job = _extract_job(spec, shapes, image_root, keys, 2, batch_size, device)
     runtime = base_spec.load(job.request)          # the bare forward's copy of the same model
     ordered = needed_rows(job)
     batches = []
-    for start in range(0, len(ordered), plan.extract_batch):
+    for start in range(0, len(ordered), batch_size):
         pixels = []
-        for key, view in ordered[start:start + plan.extract_batch]:
+        for key, view in ordered[start:start + batch_size]:
             with Image.open(image_root / key) as image:
                 params = view_params(key, view, image.width, image.height, job.ctx.view_spec)
                 pixels.append(np.asarray(apply_view(image, params, shapes.image_size), dtype=np.uint8))
@@ -653,7 +664,7 @@ def extraction_vs_forward(plan: Plan, work: Path, device: str) -> dict:
                         sync)
     # each extract call built its model once: subtract that call's own build time (warm-up call first)
     steady = [seconds - load for seconds, load in zip(times["extract"], load_seconds[1:])]
-    return {"rows": rows, "batch": plan.extract_batch, "extract_seconds": times["extract"],
+    return {"rows": rows, "batch": batch_size, "row_bytes": vision_row_bytes(shapes), "extract_seconds": times["extract"],
             "model_build_seconds": load_seconds[1:], "extract_steady_seconds": steady,
             "forward_seconds": times["forward"], "statuses": [r.status for r in reports]}
 
@@ -830,42 +841,48 @@ class Result:
 def stage2_results(device: str, shapes: Shapes, timing: dict, memory: dict) -> list[Result]:
     seconds = timing["seconds"]
     med = {v: median(seconds[v]) for v in VARIANTS}
-    mem_key = "peak_gpu_allocated_bytes" if device.startswith("cuda") else "peak_anon_rss_bytes"
+    cuda = device.startswith("cuda")
+    mem_key = "peak_gpu_allocated_bytes" if cuda else "peak_anon_rss_bytes"
     mem = {v: memory[v][mem_key] if v in memory else None for v in VARIANTS}
-    unit_mem = "GPU max allocated" if device.startswith("cuda") else "peak anonymous RSS"
+    unit_mem = "GPU max allocated" if cuda else "peak anonymous RSS"
     fetch = median(timing["fetch_seconds"])
-    batch_mb = teacher_batch_bytes(shapes) / 1e6
-    details = {"median_step_seconds": med, f"{mem_key}": mem, "cache_fetch_seconds": fetch,
-               "rounds": timing["reps"], "warmup": timing["warmup"],
-               "memory_steps": next(iter(memory.values()))["steps"]}
-    time_overhead = ratio(seconds["cached"], seconds["student"])
-    official = ratio(seconds["live-official"], seconds["cached"])
-    nograd = ratio(seconds["live-nograd"], seconds["cached"])
+    rows_mb = teacher_batch_bytes(shapes) / 1e6
+    gates_mb = timing["gate_parameters"] * 4 * 3 / 1e6   # weights, grads, momentum
+    details = {"median_step_seconds": med, mem_key: mem, "cache_fetch_seconds": fetch, "rounds": timing["reps"],
+               "warmup": timing["warmup"], "memory_steps": next(iter(memory.values()))["steps"],
+               "gate_parameters": timing["gate_parameters"]}
 
     def share(a, b):
         return mem[a] / mem[b] if mem[a] is not None and mem[b] is not None else None
 
-    memory_overhead, official_memory = share("cached", "student"), share("cached", "live-official")
+    def gb(variant):
+        return f"{mem[variant] / 1e9:.2f} GB" if mem[variant] is not None else "not measured"
+
+    teachers = {v: med[v] - med["cached"] for v in ("live-nograd", "live-official")}
     return [
-        Result(1, "stage2_time_overhead", "stage-2 step, all caches / student-only (time)", time_overhead, "x",
-               "<= 1.10", device,
-               f"the cached step adds the cache fetch ({fetch * 1e3:.0f} ms of {med['cached']:.2f} s), the gates "
-               f"and the L_VAC terms over {shapes.layers} layers x {len(VISION_AGENTS)} agents, which the "
-               "student-only step (CE only, no patch tokens kept) does not compute", details),
+        Result(1, "stage2_time_overhead", "stage-2 step, all caches / student-only (time)",
+               ratio(seconds["cached"], seconds["student"]), "x", "<= 1.10", device,
+               f"{med['cached']:.2f} s vs {med['student']:.2f} s: the cached step adds the cache fetch "
+               f"({fetch * 1e3:.0f} ms), the gates and the L_VAC terms over {shapes.layers} layers x "
+               f"{len(VISION_AGENTS)} agents, which the student-only step (CE only) does not compute", details),
         Result(1, "stage2_memory_overhead", f"stage-2 step, all caches / student-only ({unit_mem})",
-               memory_overhead, "x", "<= 1.10", device,
-               f"the cached step keeps every block's patch tokens for L_VAC and holds the batch's fp32 agent rows "
-               f"({batch_mb:.0f} MB) plus the gates' L_VAC graph; the student-only step keeps neither", details),
-        Result(2, "live_official_speedup", "live teachers, official style (autograd) / cached (time)", official,
-               "x", ">= 3.5", device,
-               "the four teachers' forward + backward is cheap next to the student step on this device "
-               "(see median_step_seconds)", details),
-        Result(2, "live_nograd_speedup", "live teachers under no_grad / cached (time)", nograd, "x", ">= 1.6",
-               device, "four no_grad ViT-B/16 forwards cost less than 0.6 of a student step here", details),
-        Result(2, "cached_vs_official_memory", f"cached / live official-style ({unit_mem})", official_memory, "x",
-               "<= 0.55", device,
-               "the student's own activations dominate both processes; the teachers' weights, graphs and grads "
-               "are a smaller share than expected", details),
+               share("cached", "student"), "x", "<= 1.10", device,
+               f"{gb('cached')} vs {gb('student')}: the cached step holds the batch's agent rows as float32 "
+               f"({rows_mb:.0f} MB; `TeacherBank.vision_batch` widens the fp16 cache rows), the gates' weights, "
+               f"grads and momentum ({gates_mb:.0f} MB) and the L_VAC graph over every block's patch tokens",
+               details),
+        Result(2, "live_official_speedup", "live teachers, official style (autograd) / cached (time)",
+               ratio(seconds["live-official"], seconds["cached"]), "x", ">= 3.5", device,
+               f"the four teachers' forward + backward added {teachers['live-official']:.2f} s to a "
+               f"{med['cached']:.2f} s step: the student step is the larger cost on this device", details),
+        Result(2, "live_nograd_speedup", "live teachers under no_grad / cached (time)",
+               ratio(seconds["live-nograd"], seconds["cached"]), "x", ">= 1.6", device,
+               f"the four no_grad teacher forwards added {teachers['live-nograd']:.2f} s to a {med['cached']:.2f} s "
+               "step (a target of 1.6 needs 0.6 of a step)", details),
+        Result(2, "cached_vs_official_memory", f"cached / live official-style ({unit_mem})",
+               share("cached", "live-official"), "x", "<= 0.55", device,
+               f"{gb('cached')} vs {gb('live-official')}: the student's own weights and activations dominate both",
+               details),
     ]
 
 
@@ -873,47 +890,51 @@ def extraction_results(device: str, extraction: dict) -> list[Result]:
     rows = extraction["rows"]
     extract_rate = [rows / s for s in extraction["extract_steady_seconds"]]
     forward_rate = [rows / s for s in extraction["forward_seconds"]]
-    value = ratio(extract_rate, forward_rate)
     details = {"rows": rows, "batch": extraction["batch"], "extract_rows_per_second": median(extract_rate),
                "forward_rows_per_second": median(forward_rate),
                "model_build_seconds": median(extraction["model_build_seconds"]),
                "end_to_end_rows_per_second": median(rows / s for s in extraction["extract_seconds"])}
-    return [Result(3, "extract_vs_forward", "extract images/s (dino) / bare forward images/s", value, "x",
-                   ">= 0.9", device,
-                   "image decoding, view cropping and resizing on the CPU, fp16 conversion and row writes are not "
-                   "hidden behind the forward" + (" (the GPU forward is fast next to them)"
-                                                  if device.startswith("cuda") else ""), details)]
+    overhead_ms = 1e3 * (1 / details["extract_rows_per_second"] - 1 / details["forward_rows_per_second"])
+    return [Result(3, "extract_vs_forward", "extract images/s (dino) / bare forward images/s",
+                   ratio(extract_rate, forward_rate), "x", ">= 0.9", device,
+                   f"{overhead_ms:.0f} ms per row around the forward: decoding and cropping images, normalising, "
+                   f"fp16 conversion, and writing {rows} rows ({extraction['row_bytes'] / 1e6:.2g} MB each, checksummed) plus the cache's creation "
+                   f"and finalisation, which {rows} rows do not amortise" +
+                   (" (the GPU forward is fast next to the CPU work)" if device.startswith("cuda") else ""),
+                   details)]
 
 
 def repeat_results(repeat: dict) -> list[Result]:
-    again = median(repeat["again_seconds"])
-    loaded = repeat["torch_imported"] or repeat["transformers_imported"]
     details = {k: v for k, v in repeat.items() if not k.endswith("output")}
     details["help_median_seconds"] = median(repeat["help_seconds"])
+    loaded = repeat["torch_imported"] or repeat["transformers_imported"]
     return [
-        Result(3, "repeat_extract_seconds", f"repeat `extract` over a complete cache ({repeat['agents']} agents), "
-               "fresh process", again, "s", "< 3", "cpu",
+        Result(3, "repeat_extract_seconds", f"repeat `extract`, complete cache ({repeat['agents']} agents), "
+               "fresh process", median(repeat["again_seconds"]), "s", "< 3", "cpu",
                f"Python start-up and CLI imports: `transagent --help` alone takes "
                f"{details['help_median_seconds']:.2f} s here", details),
-        Result(3, "repeat_extract_loads_model", "repeat `extract` imported torch/transformers (1 = yes)",
-               float(loaded), "", "<= 0", "cpu", "a complete cache should be recognised from its JSON files alone",
-               details),
+        Result(3, "repeat_extract_model_loaded", "repeat `extract` imported torch or transformers",
+               float(loaded), "flag", "<= 0", "cpu",
+               "a complete cache must be recognised from its JSON files alone, before any model code", details),
     ]
 
 
 def read_results(reads: dict) -> list[Result]:
+    why = {"zarr": "each read maps every row's chunk file anew (one np.memmap per row), paying the mapping and "
+                   "its page faults; the plain memmap is mapped once",
+           "hdf5": "the segment memmap is fancy-indexed into a temporary, then copied into the output: two copies "
+                   "where the plain memmap makes one"}
     out = []
     for backend in ("zarr", "hdf5"):
         times = reads[backend]
-        value = ratio(times["memmap"], times["reader"])   # throughput ratio = inverse time ratio
         details = {"reader_ms": median(times["reader"]) * 1e3, "memmap_ms": median(times["memmap"]) * 1e3,
                    "reader_MB_per_s": reads["batch_bytes"] / median(times["reader"]) / 1e6,
                    "memmap_MB_per_s": reads["batch_bytes"] / median(times["memmap"]) / 1e6,
                    "batch_bytes": reads["batch_bytes"], "batches": len(times["reader"])}
-        out.append(Result(4, f"cache_read_{backend}", f"stage-2 reader ({backend}) / np.memmap throughput", value,
-                          "x", ">= 0.5", "cpu",
-                          "per-row overhead: one memmap opened per row and chunk file (zarr), or a fancy index "
-                          "of the hdf5 memmap", details))
+        out.append(Result(4, f"cache_read_{backend}", f"stage-2 reader ({backend}) / np.memmap throughput",
+                          ratio(times["memmap"], times["reader"]), "x", ">= 0.5", "cpu",
+                          f"{details['reader_ms']:.2f} ms vs {details['memmap_ms']:.2f} ms per batch: {why[backend]}",
+                          details))
     return out
 
 
@@ -934,8 +955,8 @@ def format_table(results: list[Result]) -> str:
     for r in results:
         if r.item == 5:
             continue
-        value = "-" if r.value is None else (f"{r.value:.2f}{r.unit}" if r.unit in ("x", "s") else f"{r.value:g}")
-        lines.append(f"{r.item:<2} {r.label[:68]:<68} {r.device:<6} {value:>10} {r.target:>8}  {r.verdict}")
+        lines.append(f"{r.item:<2} {r.label[:68]:<68} {r.device:<6} {_format_value(r):>10} "
+                     f"{'no' if r.unit == 'flag' else r.target:>8}  {r.verdict}")
     scaling_rows = [r for r in results if r.item == 5 and r.key.startswith("scaling_")]
     if scaling_rows:
         lines += ["", "5  scaling, tiny dino agent (N/4 images x 4 views, zarr):",
@@ -949,11 +970,26 @@ def format_table(results: list[Result]) -> str:
     real = [r for r in results if r.key == "real_row_bytes"]
     if real:
         lines.append(f"   a ViT-B/16 vision row (12 x 196 x 768 fp16 + means + view) is {real[0].value / 1e6:.2f} MB")
+    for r in results:
+        if r.key == "stage2_time_overhead":
+            step, peak = r.details["median_step_seconds"], r.details.get("peak_anon_rss_bytes") or \
+                r.details.get("peak_gpu_allocated_bytes") or {}
+            cells = [f"{v} {step[v]:.2f} s" + (f" / {peak[v] / 1e9:.2f} GB" if peak.get(v) else "")
+                     for v in VARIANTS]
+            lines.append(f"\n1-2 [{r.device}] median step / peak memory: " + ", ".join(cells))
     misses = [r for r in results if r.verdict == "MISS"]
     if misses:
         lines += ["", "Missed targets (likely reason):"]
-        lines += [f"  - [{r.device}] {r.label}: {r.value:.3g} vs {r.target}. {r.reason}" for r in misses]
+        lines += [f"  - [{r.device}] {r.label}: {_format_value(r)} vs {r.target}. {r.reason}" for r in misses]
     return "\n".join(lines)
+
+
+def _format_value(r: Result) -> str:
+    if r.value is None:
+        return "-"
+    if r.unit == "flag":
+        return "yes" if r.value else "no"
+    return f"{r.value:.2f}{r.unit}" if r.unit in ("x", "s") else f"{r.value:g}"
 
 
 def run_bench(plan_name: str = "full", output: Path = Path("bench/results.json"), work_dir: Path | None = None,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipelines.presets import resolve_agents, student_spec
-from pipelines.protocols import training_class_set, training_set
+from pipelines.protocols import training_set
 
 VISION_ROW_EXTRAS = 4 * 5     # views row (int32 x 5)
 T2I_MAX_RESOLUTIONS = 3       # SD v1.4 at 512 px: 16², 32², 64² latent grids; PixArt has one

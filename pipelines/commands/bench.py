@@ -16,14 +16,17 @@ import click
                    "1 GB). Default: the system temporary directory.")
 @click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
               help="auto: the CPU, then the GPU when one is present; cpu: the CPU only.")
-def bench(quick, output, work_dir, device):
+@click.option("--plan", type=click.Choice(["full", "quick", "smoke"]), default=None, hidden=True,
+              help="smoke: tiny shapes, one step of everything (the harness's own test).")
+def bench(quick, output, work_dir, device, plan):
     """Time and memory of stage 2 (cached vs. student-only vs. live teachers), extraction, cache reads and cache
     growth, at ViT-B/16 shapes with random weights. Each verdict compares with the targets of DESIGN §8."""
     from pipelines.bench import run_bench
 
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
-    report = run_bench("quick" if quick else "full", output, work_dir, ["cpu"] if device == "cpu" else None,
+    plan = plan or ("quick" if quick else "full")
+    report = run_bench(plan, output, work_dir, ["cpu"] if device == "cpu" else None,
                        log=lambda line: click.echo(line, err=True))
     click.echo(report["table"])
     click.echo(f"\n{report['plan']} run: {report['seconds']:.0f} s on {report['machine']['cpu']} "

@@ -24,16 +24,6 @@ def _parse_layers(ctx, param, value):
     return layers
 
 
-def _parse_pairs(ctx, param, values):
-    pairs = {}
-    for value in values:
-        if "=" not in value:
-            raise click.BadParameter(f"expected AGENT=VALUE, got {value!r}")
-        name, _, path = value.partition("=")
-        pairs[name.strip()] = path.strip()
-    return pairs
-
-
 def _parse_ints(ctx, param, value):
     try:
         return tuple(int(v) for v in str(value).replace(" ", ",").split(",") if v)
@@ -63,9 +53,9 @@ def _parse_ints(ctx, param, value):
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-@click.option("--agent-path", "agent_paths", multiple=True, callback=_parse_pairs,
+@click.option("--agent-path", "agent_paths", multiple=True, callback=opt.parse_agent_pairs,
               help="AGENT=PATH: load an agent from a local directory (required for vitdet and shikra).")
-@click.option("--descriptions", "descriptions", multiple=True, callback=_parse_pairs,
+@click.option("--descriptions", "descriptions", multiple=True, callback=opt.parse_agent_pairs,
               help="AGENT=FILE: class descriptions JSON for a language agent (e.g. gpt3=gpt3_eurosat.json).")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
               help="JSON-lines log (default: <cache-root>/<dataset>/extract.jsonl).")
@@ -101,7 +91,7 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
         if on_error == "stop":
             raise click.ClickException(
                 f"{len(bad)} image(s) needed for extraction cannot be read; the first {min(len(bad), MAX_LISTED)}:"
-                f"\n{listed}\nNothing was written. Restore them, or re-run with --on-error skip to leave them out.")
+                f"\n{listed}\nNo cache was written. Restore them, or re-run with --on-error skip to leave them out.")
         todo = drop_keys(todo, bad)
         if not any(job.ctx.keys for job in todo):
             raise click.ClickException(f"none of the images needed for extraction can be read:\n{listed}")

@@ -1,0 +1,98 @@
+"""The benchmark harness at tiny shapes: it runs end to end through the CLI and its pieces measure what they claim.
+
+No timing assertions: the numbers depend on the machine. The real-shape run is `make bench` (`transagent bench`).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipelines import bench
+from pipelines.bench_workers import PeakMemory
+from pipelines.cli import main
+
+
+def test_smoke_run_writes_every_item(tmp_path):
+    out = tmp_path / "bench" / "results.json"
+    result = CliRunner().invoke(main, ["bench", "--plan", "smoke", "--device", "cpu", "--output", str(out),
+                                       "--work-dir", str(tmp_path / "work")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["plan"] == "smoke" and report["machine"]["cpu"] and report["machine"]["torch"]
+    results = {r["key"]: r for r in report["results"]}
+    assert {r["item"] for r in report["results"]} == {1, 2, 3, 4, 5}
+    for key in ("stage2_time_overhead", "live_official_speedup", "live_nograd_speedup", "extract_vs_forward",
+                "repeat_extract_seconds", "cache_read_zarr", "cache_read_hdf5", "scaling_8", "scaling_16"):
+        assert results[key]["value"] > 0, key
+    for r in report["results"]:
+        assert r["verdict"] in ("pass", "MISS", "info")
+        assert bool(r["reason"]) == (r["verdict"] == "MISS"), r["key"]
+    # the cached variant's memory came from a fresh process; the smoke plan skips the other variants' processes
+    memory = report["raw"]["stage2_cpu"]["memory"]
+    assert set(memory) == {"cached"} and memory["cached"]["peak_anon_rss_bytes"] > 0
+    assert results["stage2_memory_overhead"]["verdict"] == "info"
+    # a second extract over a complete cache never imports torch
+    assert results["repeat_extract_model_loaded"]["value"] == 0.0
+    assert "1 already complete" in report["raw"]["repeat_extract"]["output"]
+    assert [row["rows"] for row in report["raw"]["scaling"]] == [8, 16]
+    assert report["raw"]["extraction_cpu"]["statuses"] == ["done", "done"]
+    assert list((tmp_path / "work").iterdir()) == []  # the scratch caches are removed
+    assert "verdict" in result.output and str(out) in result.output
+
+
+def test_interleaved_alternates_order_after_each_variants_warmup():
+    calls = []
+    times = bench.interleaved({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
+                              reps=3, warmup={"a": 2, "b": 0})
+    assert calls == [("a", 0), ("a", 1), ("a", 2), ("b", 3), ("b", 4), ("a", 5), ("a", 6), ("b", 7)]
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
+    assert bench.ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0]) == 2.0
+
+
+def test_verdicts():
+    def verdict(value, target):
+        return bench.Result(1, "k", "label", value, "x", target).verdict
+
+    assert verdict(1.05, "<= 1.10") == "pass" and verdict(1.2, "<= 1.10") == "MISS"
+    assert verdict(3.5, ">= 3.5") == "pass" and verdict(2.9, "< 3") == "pass" and verdict(3.0, "< 3") == "MISS"
+    assert verdict(None, "<= 1.10") == "info" and verdict(1.0, "") == "info"
+
+
+def test_peak_memory_sees_an_anonymous_allocation():
+    with PeakMemory("cpu") as peak:
+        start = peak.peak_anon
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        del block
+    assert peak.peak_anon - start >= 48 * 2**20
+
+
+def test_live_teachers_official_style_backpropagates_into_the_teachers():
+    runtimes = bench.vision_runtimes(bench.TINY, "cpu")
+    pixels = torch.rand(2, 3, bench.TINY.image_size, bench.TINY.image_size, generator=torch.Generator().manual_seed(0))
+    frozen, frozen_means = bench.live_vision_inputs(runtimes, pixels, official=False)
+    live, live_means = bench.live_vision_inputs(runtimes, pixels, official=True)
+    assert set(live) == set(bench.VISION_AGENTS)
+    for name in bench.VISION_AGENTS:
+        assert not frozen[name].requires_grad and live[name].requires_grad
+        assert live[name].shape == (2, 3, bench.TINY.tokens, bench.TINY.width)
+        torch.testing.assert_close(live[name].detach(), frozen[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(live_means[name].detach(), frozen_means[name], atol=1e-5, rtol=0)
+    sum(x.sum() for x in live.values()).backward()
+    assert all(p.grad is not None for runtime in runtimes.values() for p in runtime.model.parameters()
+               if p.requires_grad)
+
+
+@pytest.mark.parametrize("shapes", [bench.TINY, pytest.param(bench.VIT_B16, marks=pytest.mark.slow)])
+def test_synthetic_rows_are_unit_tokens_of_the_student_shape(tmp_path, shapes):
+    bench.register_tiny(shapes)
+    paths = bench.write_synthetic_caches(tmp_path, shapes, rows=2, agents=("dino", "bert", "sd", "blip2"))
+    bank = bench.open_bank(tmp_path, shapes, agents=("dino", "bert", "sd", "blip2"))
+    tokens, means = bank.vision_batch(bench.cache_keys(2), [0, 0])
+    assert tokens["dino"].shape == (2, shapes.layers, shapes.tokens, shapes.width)
+    np.testing.assert_allclose(np.linalg.norm(tokens["dino"], axis=-1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(means["dino"], tokens["dino"].mean(axis=2), atol=1e-6)
+    assert bank.relational["bert"].shape == (shapes.classes, bench.RELATIONAL_DIM)
+    assert bank.multimodal_batch(bench.cache_keys(2))["sd"].shape == (2, shapes.classes)
+    assert bench._payload_per_row(paths["dino"]) == bench.vision_row_bytes(shapes)
