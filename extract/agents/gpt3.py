@@ -29,8 +29,8 @@ def load(request: LoadRequest) -> Gpt3Runtime:
 SPEC = AgentSpec(
     name="gpt3",
     family="language",
-    source=Source(note="descriptions JSON file {classname: [description, ...]} given as agent option "
-                       "'descriptions' (e.g. ProText template_protext/<Dataset>_prompts.json)"),
+    source=Source(note="descriptions JSON {classname: [description, ...]}: --descriptions gpt3=FILE or "
+                       "<dataset>/descriptions/gpt3.json (e.g. ProText template_protext/<Dataset>_prompts.json)"),
     preprocessing={
         "space": "student",  # class features in the student's text space: stage 2 uses them for L_LAC
         "text": "every description of the class (keys matched case-insensitively, '_' = ' ')",
