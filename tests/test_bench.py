@@ -3,6 +3,7 @@
 No timing assertions: the numbers depend on the machine. The real-shape run is `make bench` (`transagent bench`).
 """
 import json
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +65,7 @@ def test_peak_memory_sees_an_anonymous_allocation():
     with PeakMemory("cpu") as peak:
         start = peak.peak_anon
         block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        time.sleep(0.05)  # the sampler runs every 2 ms
         del block
     assert peak.peak_anon - start >= 48 * 2**20
 
@@ -80,8 +82,10 @@ def test_live_teachers_official_style_backpropagates_into_the_teachers():
         torch.testing.assert_close(live[name].detach(), frozen[name], atol=1e-5, rtol=0)
         torch.testing.assert_close(live_means[name].detach(), frozen_means[name], atol=1e-5, rtol=0)
     sum(x.sum() for x in live.values()).backward()
-    assert all(p.grad is not None for runtime in runtimes.values() for p in runtime.model.parameters()
-               if p.requires_grad)
+    for runtime in runtimes.values():  # the gradient reached each teacher's first layer, its patch embedding
+        patch_embedding = [p for name, p in runtime.model.named_parameters()
+                           if name.endswith("projection.weight") and "neck" not in name]
+        assert len(patch_embedding) == 1 and patch_embedding[0].grad is not None
 
 
 @pytest.mark.parametrize("shapes", [bench.TINY, pytest.param(bench.VIT_B16, marks=pytest.mark.slow)])
@@ -96,3 +100,13 @@ def test_synthetic_rows_are_unit_tokens_of_the_student_shape(tmp_path, shapes):
     assert bank.relational["bert"].shape == (shapes.classes, bench.RELATIONAL_DIM)
     assert bank.multimodal_batch(bench.cache_keys(2))["sd"].shape == (2, shapes.classes)
     assert bench._payload_per_row(paths["dino"]) == bench.vision_row_bytes(shapes)
+
+
+@pytest.mark.slow
+def test_real_size_agents_emit_vit_b16_tokens():
+    runtimes = bench.vision_runtimes(bench.VIT_B16, "cpu")
+    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    tokens, means = bench.live_vision_inputs(runtimes, pixels, official=False)
+    for name in bench.VISION_AGENTS:
+        assert tokens[name].shape == (1, 12, 196, 768) and means[name].shape == (1, 12, 768), name
+        assert sum(p.numel() for p in runtimes[name].model.parameters()) > 80e6, name

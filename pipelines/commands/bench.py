@@ -13,7 +13,7 @@ import click
               show_default=True, help="Where the JSON results go.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where scratch caches go (a temporary directory inside it, removed afterwards; needs about "
-                   "1 GB). Default: the system temporary directory.")
+                   "2 GB). Default: the system temporary directory.")
 @click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
               help="auto: the CPU, then the GPU when one is present; cpu: the CPU only.")
 @click.option("--plan", type=click.Choice(["full", "quick", "smoke"]), default=None, hidden=True,
