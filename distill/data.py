@@ -61,14 +61,17 @@ class TeacherBank:
 
     # ------------------------------------------------------------------ batches
     def vision_batch(self, keys: list[str], views: list[int]) -> tuple[dict, dict]:
-        """tokens {agent: float32 [B, L, T, D]} and token means {agent: float32 [B, L, D]}."""
+        """tokens {agent: [B, L, T, D]} and token means {agent: float32 [B, L, D]}.
+
+        Tokens stay in the cache's 16 bits (int8 caches are dequantised to float16): a batch of four ViT-B/16
+        agents is 58 MB instead of 116 MB, and the loss widens one layer at a time."""
         rows = list(zip(keys, views))
         tokens, means = {}, {}
         for name, reader in self.vision.items():
             values = reader.read("tokens", rows)
             if "tokens_scale" in reader.arrays:
-                values = dequantize_int8(values, reader.read("tokens_scale", rows))
-            tokens[name] = values.astype(np.float32, copy=False)
+                values = dequantize_int8(values, reader.read("tokens_scale", rows), dtype=np.float16)
+            tokens[name] = values if values.dtype == np.float16 else values.astype(np.float32, copy=False)
             means[name] = reader.read("token_mean", rows).astype(np.float32, copy=False)
         return tokens, means
 

@@ -575,8 +575,8 @@ def vision_row_bytes(shapes: Shapes) -> int:
 
 
 def teacher_batch_bytes(shapes: Shapes) -> int:
-    """float32 vision-agent rows of one batch, as the cached step holds them (tokens + token means)."""
-    per_agent = shapes.batch * shapes.layers * (shapes.tokens + 1) * shapes.width * 4
+    """Vision-agent rows of one batch as the cached step holds them: fp16 tokens + float32 token means."""
+    per_agent = shapes.batch * shapes.layers * shapes.width * (shapes.tokens * 2 + 4)
     return per_agent * len(VISION_AGENTS)
 
 
@@ -863,9 +863,10 @@ def stage2_results(device: str, shapes: Shapes, timing: dict, memory: dict) -> l
                f"{len(VISION_AGENTS)} agents, which the student-only step (CE only) does not compute", details),
         Result(1, "stage2_memory_overhead", f"stage-2 step, all caches / student-only ({unit_mem})",
                share("cached", "student"), "x", "<= 1.10", device,
-               f"{gb('cached')} vs {gb('student')}: the cached step holds the batch's agent rows as float32 "
-               f"({rows_mb:.0f} MB; `TeacherBank.vision_batch` widens the fp16 cache rows), the gates' weights, "
-               f"grads and momentum ({gates_mb:.0f} MB) and the L_VAC graph over every block's patch tokens",
+               f"{gb('cached')} vs {gb('student')}: the cached step holds the batch's agent rows "
+               f"({rows_mb:.0f} MB, fp16 as cached), the gates' weights, grads and momentum ({gates_mb:.0f} MB: "
+               f"12 MLP gates with 256 hidden units on 4 x 768 inputs) and the L_VAC graph over every block's "
+               f"patch tokens",
                details),
         Result(2, "live_official_speedup", "live teachers, official style (autograd) / cached (time)",
                ratio(live["live-official"], live["cached"]), "x", ">= 3.5", device,
