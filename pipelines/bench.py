@@ -920,10 +920,9 @@ def repeat_results(repeat: dict) -> list[Result]:
 
 
 def read_results(reads: dict) -> list[Result]:
-    why = {"zarr": "each read maps every row's chunk file anew (one np.memmap per row), paying the mapping and "
-                   "its page faults; the plain memmap is mapped once",
-           "hdf5": "the segment memmap is fancy-indexed into a temporary, then copied into the output: two copies "
-                   "where the plain memmap makes one"}
+    why = {"zarr": "each row is its own chunk file: one open + read per row, where the plain memmap is one "
+                   "mapping of one file",
+           "hdf5": "rows of several segments are gathered per segment; the plain memmap is a single fancy index"}
     out = []
     for backend in ("zarr", "hdf5"):
         times = reads[backend]

@@ -95,8 +95,10 @@ def test_synthetic_rows_are_unit_tokens_of_the_student_shape(tmp_path, shapes):
     bank = bench.open_bank(tmp_path, shapes, agents=("dino", "bert", "sd", "blip2"))
     tokens, means = bank.vision_batch(bench.cache_keys(2), [0, 0])
     assert tokens["dino"].shape == (2, shapes.layers, shapes.tokens, shapes.width)
-    np.testing.assert_allclose(np.linalg.norm(tokens["dino"], axis=-1), 1.0, atol=2e-3)
-    np.testing.assert_allclose(means["dino"], tokens["dino"].mean(axis=2), atol=1e-6)
+    assert tokens["dino"].dtype == np.float16   # kept as cached; the loss widens one layer at a time
+    wide = tokens["dino"].astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(wide, axis=-1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(means["dino"], wide.mean(axis=2), atol=1e-3)   # means were taken before fp16
     assert bank.relational["bert"].shape == (shapes.classes, bench.RELATIONAL_DIM)
     assert bank.multimodal_batch(bench.cache_keys(2))["sd"].shape == (2, shapes.classes)
     assert bench._payload_per_row(paths["dino"]) == bench.vision_row_bytes(shapes)
