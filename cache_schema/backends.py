@@ -118,7 +118,8 @@ class RowSource:
         """Fill out[i] with row rows[i] of array `name`."""
         spec = self.arrays[name]
         if self.backend == "hdf5":
-            np.take(self._maps[name], np.asarray(rows, dtype=np.int64), axis=0, out=out)  # one copy, no temporary
+            for i, row in enumerate(rows):  # row by row: one copy, no fancy-index temporary
+                out[i] = self._maps[name][int(row)]
             return
         for i, row in enumerate(rows):  # a chunk file is the raw row: read it straight into the batch buffer
             target = out[i] if out[i].flags.c_contiguous else np.empty(spec.row_shape, spec.numpy_dtype)
