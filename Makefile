@@ -13,6 +13,7 @@ PRESET ?= paper
 GPUS ?= 1
 EXTRACT_PROTOCOL = $(if $(filter fewshot cross,$(PROTOCOL)),fewshot,base2novel)
 SEEDS_CSV = $(subst $(eval) ,$(comma),$(strip $(SEEDS)))
+SHOTS_CSV = $(subst $(eval) ,$(comma),$(strip $(SHOTS)))
 comma := ,
 
 .PHONY: help install demo extract distill sweep test report bench
@@ -40,10 +41,10 @@ demo: install  ## synthetic dataset + tiny agents on CPU: extract, distill base2
 extract: install  ## stage 1: the paper's agents on DATASET (GPU; downloads models on first use)
 ifeq ($(GPUS),1)
 	$(TRANSAGENT) extract --dataset $(DATASET) --preset $(PRESET) --agents $(AGENTS) \
-		--protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS) --seeds $(SEEDS_CSV)
+		--protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS_CSV) --seeds $(SEEDS_CSV)
 else
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(GPUS) -m pipelines extract --dataset $(DATASET) \
-		--preset $(PRESET) --agents $(AGENTS) --protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS) --seeds $(SEEDS_CSV)
+		--preset $(PRESET) --agents $(AGENTS) --protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS_CSV) --seeds $(SEEDS_CSV)
 endif
 
 distill: install  ## stage 2: prompts + gates on the caches (PROTOCOL, SHOTS, SEEDS)
