@@ -236,6 +236,8 @@ def test_fingerprint_follows_everything_that_changes_the_numbers(jobs, tmp_path)
     dino, sd, blip2, bert, gpt3 = (jobs[name] for name in ("dino", "sd", "blip2", "bert", "gpt3"))
     assert all(path(job) == path(job) for job in jobs.values())
     assert len({path(job) for job in jobs.values()}) == len(jobs)
+    for job in jobs.values():  # the split file is the identity of the keys, for every agent
+        assert path(job, split_hash="0" * 64) != path(job)
     for job in (sd, blip2, bert, gpt3):  # text agents: template and class names
         assert path(job, template="a blurry photo of a {}.") != path(job)
         assert path(job, classnames=[*job.ctx.classnames[:-1], "grey blob"]) != path(job)
