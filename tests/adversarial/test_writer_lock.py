@@ -140,6 +140,28 @@ def test_gc_apply_during_an_extraction_deletes_nothing(data_root, tmp_path, monk
     assert current_holder(manifest.parent) is None and not (manifest.parent / WRITER / LEASE).exists()
 
 
+def test_an_extraction_whose_lock_was_forced_open_does_not_complete(data_root, tmp_path):
+    """Someone ran `cache unlock --force` (or took a silent writer's lease over) while the extraction computed:
+    it must stop before `complete` instead of finishing a cache another writer may be changing."""
+    from extract.runner import run_agent
+    from pipelines.extraction import ExtractOptions, build_jobs
+
+    options = ExtractOptions(dataset="synthetic", data_root=data_root, cache_root=tmp_path, preset="tiny",
+                             agents="dino", shots=(2,), seeds=(1,), views=2, batch_size=2)
+    (job,) = build_jobs(options)
+    barriers = []
+
+    def barrier():   # the 4th barrier is the last one before `complete`
+        barriers.append(1)
+        if len(barriers) == 4:
+            next(tmp_path.glob(f"synthetic/dino/*/{WRITER}/{LEASE}")).unlink()
+
+    with pytest.raises(WriterLockLost, match="removed"):
+        run_agent(job, tmp_path, barrier=barrier, progress=False)
+    (manifest,) = tmp_path.glob("synthetic/dino/*/manifest.json")
+    assert json.loads(manifest.read_text())["status"] == "partial"
+
+
 def test_gc_rechecks_the_status_under_the_lock(tmp_path):
     """A cache listed as partial that has become complete by the time gc removes it is kept."""
     cache = open_cache(tmp_path / "cache", "zarr")
