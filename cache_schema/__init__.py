@@ -1,4 +1,4 @@
-"""The on-disk contract between stage 1 and stage 2. Depends on numpy, zarr, h5py and Pillow only."""
+"""The on-disk contract between stage 1 and stage 2. Depends on numpy, zarr, h5py, Pillow and filelock only."""
 from cache_schema.arrays import ArraySpec
 from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, MissingRowsError,
                                  PartialCacheError, SchemaVersionError)

@@ -9,7 +9,8 @@ pack, checks the schema version and every checksum of the manifest, and only the
 `<cache_root>/<dataset>/<agent>/<fingerprint>/`: a damaged pack never becomes visible.
 
 A process that uses a cache holds a lease, `with reading(cache_dir): ...` (a file `.readers/<pid>@<host>-<token>`);
-`gc` never deletes a cache with a live lease.
+`gc` never deletes a cache with a live lease. A process that changes a cache (merge, install, gc) holds its writer
+lock (`cache_schema.lock`), as an extraction does.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, PartialCacheError,
                                  SchemaVersionError)
 from cache_schema.fingerprint import canonical_json, differing_fields, sha256_file
+from cache_schema.lock import WRITER, current_holder, writer_lock
 from cache_schema.store import (FILES, MANIFEST, ROWS, SCHEMA_VERSION, AgentCache, CacheReader, check_schema,
                                 list_caches, read_json, verify)
 
@@ -121,13 +123,13 @@ def checksums_digest(manifest: dict) -> str:
 
 def pack_members(cache_dir) -> list[str]:
     """Paths (relative, POSIX) that a pack holds: manifest first, then every directory and file sorted,
-    without temporary files and reader leases."""
+    without temporary files, reader leases and the writer lock."""
     cache_dir = Path(cache_dir)
     found = []
     for directory, dirnames, filenames in os.walk(cache_dir):
         base = Path(directory)
         dirnames[:] = sorted(d for d in dirnames if not d.endswith(".tmp") and
-                             not (base == cache_dir and d == READERS))
+                             not (base == cache_dir and d in (READERS, WRITER)))
         for name in dirnames + filenames:
             if name.endswith(".tmp"):
                 continue
@@ -277,11 +279,12 @@ class Installed:
     status: str          # "installed" | "present" (an identical complete cache was already there)
 
 
-def install_pack(pack_path, cache_root, expected: dict | None = None) -> Installed:
+def install_pack(pack_path, cache_root, expected: dict | None = None, wait: float = 0.0) -> Installed:
     """Verify a pack fully and make it visible at `<cache_root>/<dataset>/<agent>/<fingerprint>/`, atomically.
 
     `expected` (an index entry) adds checks before anything is unpacked: the pack's sha256, and afterwards its
     dataset, agent and fingerprint. Errors name what failed: the pack, the schema versions, the altered file.
+    An existing cache there is compared under its writer lock (`wait` seconds for it), so never mid-write.
     """
     pack_path, cache_root = Path(pack_path), Path(cache_root)
     expected = expected or {}
@@ -311,16 +314,16 @@ def install_pack(pack_path, cache_root, expected: dict | None = None) -> Install
             raise CorruptCacheError(f"{pack_path.name}: the unpacked cache fails verification:\n  " +
                                     "\n  ".join(_relative_problem(problem, unpacked) for problem in problems))
         target = cache_root / manifest["dataset"] / manifest["agent"] / manifest["fingerprint"]
-        if target.exists():
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(unpacked, target)   # atomic, and refused once a writer has put anything there
+                return Installed(target, "installed")
+            except OSError:
+                if not target.exists():
+                    raise
+        with writer_lock(target, wait, purpose="install", create=False):   # another pull or a writer was first
             return Installed(target, _compare_existing(target, manifest))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(unpacked, target)
-        except OSError:
-            if target.exists():  # another pull won the race
-                return Installed(target, _compare_existing(target, manifest))
-            raise
-        return Installed(target, "installed")
 
 
 def _schema_error(pack_path: Path, version) -> CacheError:
@@ -373,14 +376,22 @@ class MergeResult:
     added_files: list[str]
 
 
-def merge(src, dst, batch_rows: int = 64) -> MergeResult:
+def merge(src, dst, batch_rows: int = 64, wait: float = 0.0) -> MergeResult:
     """Add the rows and files of cache `src` to cache `dst` (same fingerprint). New rows go into a new segment
     after dst's last; rows both hold must be byte-identical (else MergeConflict naming the key). Every check
-    happens before dst is touched. A merge killed while copying leaves dst partial (its new segment unfinished):
-    `transagent extract` with the cache's options finishes it, or restore dst from its pack."""
+    happens before dst is touched, under dst's writer lock (`wait` seconds for it). A merge killed while copying
+    leaves dst partial (its new segment unfinished): `transagent extract` with the cache's options finishes it, or
+    restore dst from its pack."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CacheError(f"cannot merge {src} into itself")
+    if not (dst / MANIFEST).is_file():
+        raise CacheError(f"{dst}: no {MANIFEST}; not a cache directory")
+    with writer_lock(dst, wait, purpose=f"merge from {src.name}", create=False) as lock:
+        return _merge_locked(src, dst, batch_rows, lock.check)
+
+
+def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeResult:
     src_manifest, dst_manifest = _complete_manifest(src), _complete_manifest(dst)
     diff = differing_fields(dst_manifest["fields"], src_manifest["fields"])
     diff += differing_fields(dst_manifest["arrays"], src_manifest["arrays"], "arrays")
@@ -419,6 +430,7 @@ def merge(src, dst, batch_rows: int = 64) -> MergeResult:
     merged = cache.manifest.setdefault("provenance", {}).get("merged", [])
     cache.set_provenance("merged", merged + [{"fingerprint": src.name, "created": src_manifest.get("created"),
                                               "rows_added": len(new_rows), "files_added": new_files}])
+    still_ours()
     cache.finalize()
     return MergeResult(len(new_rows), len(shared), new_files)
 
@@ -476,10 +488,12 @@ class GcCandidate:
     reason: str
     bytes: int
     readers: list[str]      # live leases: such a cache is kept
+    status: str = ""        # the manifest's status when listed; removal re-checks it
+    writer: str = ""        # the live writer lock's holder: such a cache is kept
 
     @property
     def in_use(self) -> bool:
-        return bool(self.readers)
+        return bool(self.readers or self.writer)
 
 
 def referenced_caches(cache_root, runs_root) -> set[str] | None:
@@ -519,7 +533,9 @@ def gc_candidates(cache_root, runs_root) -> list[GcCandidate]:
             reason = "not referenced by any run"
         else:
             continue
-        candidates.append(GcCandidate(path, reason, disk_usage(path), active_readers(path)))
+        writer = current_holder(path)
+        candidates.append(GcCandidate(path, reason, disk_usage(path), active_readers(path), status or "",
+                                      writer.describe() if writer else ""))
     leftovers = [(path, "leftover of an interrupted pull or push")
                  for pattern in (f"{INCOMING}/*", f"*/*/{INCOMING}/*")
                  for path in sorted(cache_root.glob(pattern)) if not _lease_alive(path.name)]
@@ -528,13 +544,32 @@ def gc_candidates(cache_root, runs_root) -> list[GcCandidate]:
     return candidates
 
 
-def remove_cache(path, cache_root) -> bool:
-    """Delete a cache unless it has a live lease. It is first renamed into `.trash/` (so no new reader can open
+def remove_cache(path, cache_root, status: str | None = None, wait: float = 0.0) -> bool:
+    """Delete a cache unless it has a live lease or a writer. Under its writer lock (a held one raises
+    WriterLocked, after `wait` seconds), the status must still be `status` (the one it was chosen for: a partial
+    cache that has just become complete is kept); it is then renamed into `.trash/` (so no new reader can open
     it) and the leases are checked again there; returns False (and puts it back) if one appeared."""
     path, cache_root = Path(path), Path(cache_root)
     if path.parent.name in (INCOMING, TRASH):
         shutil.rmtree(path, ignore_errors=True)  # a leftover, not a cache
         return True
+    if not path.is_dir():
+        return False
+    with writer_lock(path, wait, purpose="gc", create=False):
+        if status is not None and _status(path) != status:
+            return False
+        return _remove_unread(path, cache_root)
+
+
+def _status(path: Path) -> str:
+    try:
+        manifest = read_json(path / MANIFEST)
+    except (CacheError, OSError):
+        return "unreadable"
+    return str(manifest.get("status", "")) if isinstance(manifest, dict) else "unreadable"
+
+
+def _remove_unread(path: Path, cache_root: Path) -> bool:
     if active_readers(path):
         return False
     trash = cache_root / TRASH / _lease_name()

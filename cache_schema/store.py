@@ -194,7 +194,15 @@ class AgentCache:
         return assignment
 
     def create_segments(self) -> None:
-        """Create the new segments of the last `plan` (one process only). The row table is written last."""
+        """Create the new segments of the last `plan` (one process only). The row table is written last.
+
+        A segment that exists (its row table does) is never recreated: another writer made it after this plan, and
+        recreating it would give its rows to this plan's keys. Arrays without a row table are a killed creation's
+        leftover and are replaced."""
+        taken = [name for name, _ in self._new_segments if (self.path / SEGMENTS / f"{name}.rows.json").exists()]
+        if taken:
+            raise CacheError(f"{self.path}: segment(s) {', '.join(taken)} appeared after this run planned them: "
+                             "another writer is using this cache (one writer per cache); nothing was overwritten")
         if self.manifest["status"] == "complete" and self._new_segments:
             self._set_status("partial")
         for name, rows in self._new_segments:

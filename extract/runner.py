@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from typing import Callable
 
 from cache_schema import AgentCache, read_json
 from cache_schema.fingerprint import sha256_file
+from cache_schema.lock import WriterLock, locked_message
 from cache_schema.pack import reading
 from cache_schema.store import MANIFEST, ROWS, cache_dir, with_schema
 from extract.agents.base import AgentSpec, LoadRequest
@@ -181,7 +183,9 @@ def drop_keys(jobs: list[AgentJob], keys) -> list[AgentJob]:
 
 def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, world_size: int = 1,
               barrier: Callable[[], None] = lambda: None, progress: bool = True,
-              state: _Progress | None = None) -> AgentReport:
+              state: _Progress | None = None, wait: float = 0.0) -> AgentReport:
+    """Compute and write one agent's missing rows. Rank 0 holds the cache's writer lock from planning to the
+    atomic `complete` (waiting up to `wait` seconds for it); the other ranks write their own segments under it."""
     state = state or _Progress()
     path = planned_path(job, cache_root)
     if is_complete(job, cache_root):
@@ -190,6 +194,7 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
     monitor = MemoryMonitor(job.request.device)
     monitor.start()
     runtime = None
+    lock = WriterLock(path, purpose=f"extract {job.spec.name}") if rank == 0 else None
     try:
         family = family_module(job.spec.family)
         state.phase = "loading"
@@ -203,7 +208,8 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
         state.phase = "planning"
         arrays = family.arrays(runtime, job.ctx)
         fields = cache_fields(job)
-        if rank == 0:  # one process creates the directory and manifest ...
+        if rank == 0:  # one process takes the writer lock, creates the directory and manifest ...
+            lock.acquire(wait, on_wait=lambda holder: waiting_for_lock(path, holder, wait))
             AgentCache.open(cache_root, job.ctx.dataset, job.spec.name, fields, arrays, backend)
         barrier()
         cache = AgentCache.open(cache_root, job.ctx.dataset, job.spec.name, fields, arrays, backend)
@@ -222,8 +228,11 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
                 cache.add_file(name, data)
         barrier()
         if rank == 0:
+            lock.check()   # still ours: a writer whose lock was forced open must not mark the cache complete
             cache.finalize()
     finally:
+        if lock is not None:
+            lock.release()
         runtime = None
         gc.collect()
         _empty_device_cache(job.request.device)
@@ -235,6 +244,11 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
                        images_per_second=round(state.rows / seconds, 3) if seconds else 0.0,
                        peak_rss_bytes=monitor.peak_rss, peak_gpu_bytes=monitor.peak_gpu, model_loaded=True,
                        extra=extra)
+
+
+def waiting_for_lock(path: Path, holder, wait: float) -> None:
+    """Said once when an extraction starts waiting for another writer (--wait)."""
+    print(f"{locked_message(path, holder).split(';')[0]}; waiting up to {wait:g} s", file=sys.stderr, flush=True)
 
 
 def _record_provenance(cache: AgentCache, runtime, job: AgentJob) -> None:
@@ -366,7 +380,7 @@ def _empty_device_cache(device: str) -> None:
 
 def run(jobs: list[AgentJob], cache_root, backend: str = "zarr", log_path: Path | None = None, rank: int = 0,
         world_size: int = 1, barrier: Callable[[], None] = lambda: None, progress: bool = True,
-        keep_going: bool = True) -> list[AgentReport]:
+        keep_going: bool = True, wait: float = 0.0) -> list[AgentReport]:
     """Run agents one after another. A failing agent (out of memory, a full disk, a missing checkpoint) is reported
     with what to do about it; the caches of agents that finished stay complete, and with `keep_going` the
     remaining agents still run."""
@@ -374,7 +388,7 @@ def run(jobs: list[AgentJob], cache_root, backend: str = "zarr", log_path: Path 
     for job in jobs:
         state = _Progress()
         try:
-            report = run_agent(job, cache_root, backend, rank, world_size, barrier, progress, state)
+            report = run_agent(job, cache_root, backend, rank, world_size, barrier, progress, state, wait)
         except Exception as error:  # noqa: BLE001 - reported per agent, then re-raised or collected
             report = AgentReport(job.spec.name, "failed", str(planned_path(job, cache_root)), rows=state.rows,
                                  peak_rss_bytes=state.peak_rss_bytes, peak_gpu_bytes=state.peak_gpu_bytes,

@@ -50,3 +50,14 @@ def parse_agent_pairs(ctx, param, values) -> dict[str, str]:
 
 cache_fingerprints = click.option("--cache-fingerprint", "pins", multiple=True, callback=parse_agent_pairs,
                                   help="AGENT=FINGERPRINT: use this cache when several match.")
+
+
+def _parse_wait(ctx, param, value):
+    if value != value:  # nan
+        raise click.BadParameter("expected a number of seconds, got nan")
+    return value
+
+
+wait = click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, callback=_parse_wait,
+                    metavar="SECONDS", help="If another process is writing a cache: wait up to this long for it "
+                    "(default: stop at once, naming it).")

@@ -137,15 +137,16 @@ class PullResult:
 
 
 def pull(url: str, cache_root, dataset: str | None = None, agent: str | None = None,
-         fingerprint: str | None = None, keep_going: bool = False) -> list[PullResult]:
+         fingerprint: str | None = None, keep_going: bool = False, wait: float = 0.0) -> list[PullResult]:
     """Pull every pack of the remote's index that matches the filters (or one `.tar` URL) into the cache root.
 
-    With keep_going, a failed pack is reported in its result and the others are still pulled.
+    With keep_going, a failed pack is reported in its result and the others are still pulled. A local cache of
+    the same fingerprint that another process is writing stops that pack (or is waited for, `wait` seconds).
     """
     cache_root = Path(cache_root)
     fs, root, _ = open_remote(url)
     if root.endswith(PACK_EXT):
-        return [_pull_one(fs, root, url, cache_root, None, keep_going)]
+        return [_pull_one(fs, root, url, cache_root, None, keep_going, wait)]
     entries = _read_index(fs, root, url, missing_ok=False)
     selected = [e for e in entries if (dataset is None or e["dataset"] == dataset) and
                 (agent is None or e["agent"] == agent) and (fingerprint is None or e["fingerprint"] == fingerprint)]
@@ -154,13 +155,15 @@ def pull(url: str, cache_root, dataset: str | None = None, agent: str | None = N
                                                     ("fingerprint", fingerprint)) if v) or "anything"
         listed = ", ".join("/".join(_key(e)) for e in entries) or "nothing"
         raise RemoteError(f"{url}/{INDEX} lists no cache matching {wanted}; it lists: {listed}")
-    return [_pull_one(fs, pack_url(root, *_key(entry)), url, cache_root, entry, keep_going) for entry in selected]
+    return [_pull_one(fs, pack_url(root, *_key(entry)), url, cache_root, entry, keep_going, wait)
+            for entry in selected]
 
 
-def _pull_one(fs, remote: str, url: str, cache_root: Path, entry: dict | None, keep_going: bool) -> PullResult:
+def _pull_one(fs, remote: str, url: str, cache_root: Path, entry: dict | None, keep_going: bool,
+              wait: float = 0.0) -> PullResult:
     name = "/".join(_key(entry)) if entry else remote
     try:
-        path, status = _install(fs, remote, url, cache_root, entry)
+        path, status = _install(fs, remote, url, cache_root, entry, wait)
         return PullResult(name, path, status)
     except CacheError as error:
         if not keep_going:
@@ -168,7 +171,7 @@ def _pull_one(fs, remote: str, url: str, cache_root: Path, entry: dict | None, k
         return PullResult(name, None, "failed", str(error))
 
 
-def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None) -> tuple[Path, str]:
+def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None, wait: float = 0.0) -> tuple[Path, str]:
     if entry is not None:
         for field in ("dataset", "agent", "fingerprint"):
             check_name(f"{url}/{INDEX}", field, entry[field])
@@ -184,5 +187,5 @@ def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None) ->
         download = scratch / remote.rsplit("/", 1)[-1]
         with _talking_to(fs.unstrip_protocol(remote), "download"):
             fs.get_file(remote, str(download))
-        installed: Installed = install_pack(download, cache_root, expected=entry)
+        installed: Installed = install_pack(download, cache_root, expected=entry, wait=wait)
     return installed.path, installed.status

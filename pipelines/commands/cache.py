@@ -1,4 +1,4 @@
-"""`transagent cache ls|verify|pack|push|pull|merge|gc`: inspect, check and share teacher caches."""
+"""`transagent cache ls|verify|pack|push|pull|merge|gc|unlock`: inspect, check and share teacher caches."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -116,12 +116,13 @@ def push(cache_dir, url, replace):
 @click.option("--dataset", default=None, help="Only caches of this dataset.")
 @click.option("--agent", default=None, help="Only caches of this agent.")
 @click.option("--fingerprint", default=None, help="Only the cache with this fingerprint.")
+@opt.wait
 @_fail_on_cache_errors
-def pull(url, cache_root, dataset, agent, fingerprint):
+def pull(url, cache_root, dataset, agent, fingerprint, wait):
     """Download caches listed in URL/index.json (or one URL/...tar), verify them, then make them visible."""
     from pipelines.share import pull as pull_caches
 
-    results = pull_caches(url, cache_root, dataset, agent, fingerprint, keep_going=True)
+    results = pull_caches(url, cache_root, dataset, agent, fingerprint, keep_going=True, wait=wait)
     for result in results:
         if result.status == "failed":
             click.echo(f"failed    {result.name}\n  {result.error}", err=True)
@@ -135,12 +136,13 @@ def pull(url, cache_root, dataset, agent, fingerprint):
 @cache.command()
 @click.argument("src_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("dst_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@opt.wait
 @_fail_on_cache_errors
-def merge(src_dir, dst_dir):
+def merge(src_dir, dst_dir, wait):
     """Add SRC_DIR's rows to DST_DIR (same fingerprint); rows both hold must be identical."""
     from cache_schema.pack import merge as merge_caches
 
-    result = merge_caches(src_dir, dst_dir)
+    result = merge_caches(src_dir, dst_dir, wait=wait)
     files = f", {len(result.added_files)} file(s)" if result.added_files else ""
     click.echo(f"merged {src_dir} into {dst_dir}: {result.added_rows} new row(s){files}, "
                f"{result.skipped_rows} already present")
@@ -150,8 +152,11 @@ def merge(src_dir, dst_dir):
 @opt.cache_root
 @opt.runs_root
 @click.option("--apply", "apply_", is_flag=True, help="Delete (default: only list what would be deleted).")
-def gc(cache_root, runs_root, apply_):
-    """Partial caches and caches no run references (runs' config.json `caches`). Dry run unless --apply."""
+@opt.wait
+def gc(cache_root, runs_root, apply_, wait):
+    """Partial caches and caches no run references (runs' config.json `caches`). Dry run unless --apply.
+    A cache being written (its writer lock is held) is kept; removal re-checks its status under that lock."""
+    from cache_schema.lock import WriterLocked
     from cache_schema.pack import gc_candidates, referenced_caches, remove_cache
 
     if referenced_caches(cache_root, runs_root) is None:
@@ -162,15 +167,47 @@ def gc(cache_root, runs_root, apply_):
         return
     freed = 0
     for candidate in candidates:
-        if candidate.in_use:
+        if candidate.writer and not (apply_ and wait):
+            click.echo(f"locked    {candidate.path}  ({candidate.reason}; being written by {candidate.writer}; kept)")
+        elif candidate.readers:
             click.echo(f"in use    {candidate.path}  ({candidate.reason}; read by {', '.join(candidate.readers)}; "
                        "kept)")
         elif not apply_:
             click.echo(f"would delete {candidate.path}  ({candidate.reason}, {_size(candidate.bytes)})")
             freed += candidate.bytes
-        elif remove_cache(candidate.path, cache_root):
-            click.echo(f"deleted   {candidate.path}  ({candidate.reason}, {_size(candidate.bytes)})")
-            freed += candidate.bytes
         else:
-            click.echo(f"in use    {candidate.path}  (a reader appeared; kept)")
+            try:
+                removed = remove_cache(candidate.path, cache_root, candidate.status, wait)
+            except WriterLocked as error:
+                click.echo(f"locked    {candidate.path}  ({error.holder.describe() if error.holder else error}; kept)")
+                continue
+            if removed:
+                click.echo(f"deleted   {candidate.path}  ({candidate.reason}, {_size(candidate.bytes)})")
+                freed += candidate.bytes
+            else:
+                click.echo(f"kept      {candidate.path}  (a reader appeared, or it changed since it was listed)")
     click.echo(f"{'freed' if apply_ else 'would free'} {_size(freed)}" + ("" if apply_ else "; re-run with --apply"))
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--force", is_flag=True, help="Remove the writer lease although it looks alive.")
+@_fail_on_cache_errors
+def unlock(cache_dir, force):
+    """Remove the writer lock a dead process left on CACHE_DIR.
+
+    A lease whose holder died on this host, or whose heartbeat stopped (a dead node on a shared file system), is
+    taken over by the next writer on its own; --force is for the rest, once you know its holder is dead."""
+    from cache_schema.lock import LEASE, WRITER, current_holder, force_unlock, read_lease
+
+    live = current_holder(cache_dir)
+    if live is None:
+        lease = read_lease(cache_dir / WRITER / LEASE)
+        click.echo(f"{cache_dir} is not locked" + (f" (a stale lease of {lease.describe()} is taken over by the "
+                                                   "next writer)" if lease else ""))
+        return
+    if not force:
+        raise click.ClickException(f"{cache_dir} is locked by {live.describe()}; if that process is dead, "
+                                   f"`transagent cache unlock --force {cache_dir}`")
+    removed = force_unlock(cache_dir)
+    click.echo(f"removed the writer lease of {removed.describe() if removed else 'nobody'} from {cache_dir}")

@@ -63,9 +63,10 @@ def _parse_ints(ctx, param, value):
               help="A needed image is missing or unreadable: stop before any model loads, or leave it out "
                    "(listed in the log and in the cache manifest).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and size estimate, write nothing.")
+@opt.wait
 def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views, view_seed, layers,
             token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, on_error,
-            dry_run):
+            dry_run, wait):
     """Stage 1: run each agent once and cache what it knows."""
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
     from pipelines.datasets import DatasetError
@@ -113,6 +114,8 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
             "scale), or raise --max-bytes")
     if dry_run or not todo:
         return
+    if not wait:
+        _refuse_locked_caches(todo, cache_root)
     device = _resolve_device(device) if device == "auto" else device
     for job in todo:
         job.ctx.device = job.request.device = device
@@ -124,7 +127,8 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
     barrier = _distributed_barrier(world_size, device)
     try:
         reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
-                      barrier=barrier, progress=sys.stderr.isatty() or rank == 0, keep_going=world_size == 1)
+                      barrier=barrier, progress=sys.stderr.isatty() or rank == 0, keep_going=world_size == 1,
+                      wait=wait)
     finally:
         _destroy_process_group(world_size)
     failed = [report for report in reports if report.status == "failed"]
@@ -133,6 +137,17 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
             f"{report.images_per_second:8.1f} rows/s  peak RSS {format_bytes(report.peak_rss_bytes)}")
     if failed:
         raise click.ClickException("\n".join(f"agent {r.agent} failed: {r.error}" for r in failed))
+
+
+def _refuse_locked_caches(jobs, cache_root) -> None:
+    """Another writer holds one of these caches: stop now, before any model loads (every rank sees the same)."""
+    from cache_schema.lock import current_holder, locked_message
+    from extract.runner import planned_path
+
+    held = [(path, holder) for path in dict.fromkeys(planned_path(job, cache_root) for job in jobs)
+            if (holder := current_holder(path)) is not None]
+    if held:
+        raise click.ClickException("\n".join(locked_message(path, holder) for path, holder in held))
 
 
 def _destroy_process_group(world_size: int) -> None:
