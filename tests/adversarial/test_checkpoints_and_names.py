@@ -13,13 +13,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from distill import checkpoints
 from pipelines.cli import main
 from pipelines.datasets.synthetic import encode_png, render
 
 CLASSES = ("cat", "dog", "fox", "owl")
 PER_CLASS = 5   # 50/20/30 per class: 2 train, 1 val, 2 test
 SHOTS = "2"
+CHECKPOINT, LEGACY_CHECKPOINT = "checkpoint.safetensors", "checkpoint.pt"
 
 
 def invoke(*args):
@@ -85,13 +85,15 @@ class CreatesAFile:
 def test_evaluate_refuses_a_pickled_checkpoint_that_would_create_a_file(lab, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lab["run"], run)
-    (run / checkpoints.FILE).unlink()
+    for name in (CHECKPOINT, LEGACY_CHECKPOINT):
+        (run / name).unlink(missing_ok=True)
     marker = tmp_path / "pwned"
-    torch.save({"epoch": 1, "prompts": CreatesAFile(marker)}, run / checkpoints.LEGACY_FILE)
+    torch.save({"epoch": 1, "prompts": CreatesAFile(marker)}, run / LEGACY_CHECKPOINT)
 
-    output = one_line_error(invoke("evaluate", run, "--device", "cpu"))
-    assert "refused" in output and checkpoints.LEGACY_FILE in output and "io.open" in output
+    result = invoke("evaluate", run, "--device", "cpu")
     assert not marker.exists()
+    output = one_line_error(result)
+    assert "refused" in output and LEGACY_CHECKPOINT in output and "io.open" in output
 
 
 def test_distill_resume_refuses_a_pickled_checkpoint_that_would_create_a_file(lab, tmp_path):
@@ -99,27 +101,31 @@ def test_distill_resume_refuses_a_pickled_checkpoint_that_would_create_a_file(la
     relative = lab["run"].relative_to(lab["root"] / "runs")
     shutil.copytree(lab["run"], runs / relative)
     (runs / relative / "final.json").unlink()
-    (runs / relative / checkpoints.FILE).unlink()
+    for name in (CHECKPOINT, LEGACY_CHECKPOINT):
+        (runs / relative / name).unlink(missing_ok=True)
     marker = tmp_path / "pwned"
-    torch.save({"epoch": 0, "prompts": CreatesAFile(marker)}, runs / relative / checkpoints.LEGACY_FILE)
+    torch.save({"epoch": 0, "prompts": CreatesAFile(marker)}, runs / relative / LEGACY_CHECKPOINT)
 
-    output = one_line_error(invoke(*distill_args(f"folder:{lab['first']}", lab["root"] / "cache", runs,
-                                                 "--agents", "dino", "--epochs", "1", "--resume")))
-    assert "refused" in output and not marker.exists()
+    result = invoke(*distill_args(f"folder:{lab['first']}", lab["root"] / "cache", runs, "--agents", "dino",
+                                  "--epochs", "1", "--resume"))
+    assert not marker.exists()
+    assert "refused" in one_line_error(result)
 
 
 def test_checkpoints_are_safetensors_not_pickles_and_old_tensor_pickles_still_evaluate(lab, tmp_path):
     from safetensors import safe_open
 
-    assert not (lab["run"] / checkpoints.LEGACY_FILE).exists()
-    with safe_open(str(lab["run"] / checkpoints.FILE), framework="pt") as handle:
+    from distill import checkpoints
+
+    assert not (lab["run"] / LEGACY_CHECKPOINT).exists()
+    with safe_open(str(lab["run"] / CHECKPOINT), framework="pt") as handle:
         assert handle.metadata()["format"] == checkpoints.FORMAT
         assert any(name.startswith("prompts/") for name in handle.keys())
     # a checkpoint.pt written by an earlier version (tensors + numpy RNG state) loads without running code
     run = tmp_path / "old-run"
     shutil.copytree(lab["run"], run)
-    torch.save(checkpoints.load(run / checkpoints.FILE), run / checkpoints.LEGACY_FILE)
-    (run / checkpoints.FILE).unlink()
+    torch.save(checkpoints.load(run / CHECKPOINT), run / LEGACY_CHECKPOINT)
+    (run / CHECKPOINT).unlink()
     evaluated = invoke("evaluate", run, "--device", "cpu")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((run / "eval-folder-lab.json").read_text())["accuracy"] == \
@@ -129,9 +135,9 @@ def test_checkpoints_are_safetensors_not_pickles_and_old_tensor_pickles_still_ev
 def test_a_damaged_safetensors_checkpoint_is_one_line_naming_the_file(lab, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lab["run"], run)
-    (run / checkpoints.FILE).write_bytes(b"\xff" * 64)
+    (run / CHECKPOINT).write_bytes(b"\xff" * 64)
     output = one_line_error(invoke("evaluate", run, "--device", "cpu"))
-    assert checkpoints.FILE in output
+    assert CHECKPOINT in output
 
 
 # ------------------------------------------------------------------------------------------- folder names
