@@ -56,12 +56,12 @@ def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, age
     results = []
     for seed in seeds:
         options = DistillOptions(
-            dataset=dataset, dataset_name=dataset_name, data_root=data_root, cache_root=cache_root, runs_root=runs_root, preset=preset,
+            dataset=dataset, data_root=data_root, cache_root=cache_root, runs_root=runs_root, preset=preset,
             agents=agents, protocol=protocol, shots=shots, seed=seed, lambda_vac=lambda_vac, lambda_lac=lambda_lac,
             lambda_rel=lambda_rel, lambda_mac=lambda_mac, temperature=temperature, router=router, views=views,
             layers=layers, epochs=epochs, prompt_depth=prompt_depth, device=device, precision=precision, workers=workers,
             eval_initial=eval_initial, resume=resume, force=force, stop_after_epoch=stop_after_epoch, pins=pins,
-            progress=sys.stderr.isatty())
+            progress=sys.stderr.isatty(), dataset_name=dataset_name)
         try:
             result = run_distill(options)
         except (CacheError, ValueError, FileNotFoundError, RuntimeError) as error:

@@ -17,7 +17,7 @@ from pipelines.datasets.synthetic import make_synthetic
 
 __all__ = [
     "DATASETS", "Dataset", "DatasetError", "DatasetInfo", "FewShot", "Sample", "Source", "dataset_slug",
-    "dataset_status", "draw_fewshot", "fewshot_keys", "fewshot_path", "fewshot_selection", "get_info", "instructions", "known_names",
-    "load_dataset", "make_folder_split", "make_synthetic", "missing_images", "prepare", "subsample_classes",
-    "unreadable_images",
+    "dataset_status", "draw_fewshot", "fewshot_keys", "fewshot_path", "fewshot_selection", "get_info",
+    "instructions", "known_names", "load_dataset", "make_folder_split", "make_synthetic", "missing_images", "prepare",
+    "subsample_classes", "unreadable_images",
 ]
