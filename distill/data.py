@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_schema import CacheReader, MissingRowsError, ViewSpec, apply_view, dequantize_int8, select_cache, view_params
+from cache_schema import (CacheError, CacheReader, MissingRowsError, ViewSpec, apply_view, dequantize_int8,
+                          list_caches, select_cache, view_params)
+from cache_schema.views import IMAGE_DECODING_VERSION, load_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_FAMILIES = ("vision", "t2i", "i2t")  # families whose rows were computed from decoded pixels
 
 
 @dataclass
@@ -38,18 +41,25 @@ class TeacherBank:
         return None
 
     # ------------------------------------------------------------------ checks
-    def check_rows(self, keys: list[str], views: int, hint: str = "") -> None:
-        """Fail before training if any teacher lacks a row the run will ask for."""
+    def check_rows(self, keys: list[str], views: int, hint: str = "", skipped_hint: str = "") -> None:
+        """Fail before training if any teacher lacks a row the run will ask for. Rows of images that
+        `extract --on-error skip` left out get `skipped_hint` (how to exclude them), not the extract command again."""
         for name, reader in self.vision.items():
-            self._check(name, reader, [(key, view) for key in keys for view in range(views)], hint)
+            self._check(name, reader, [(key, view) for key in keys for view in range(views)], hint, skipped_hint)
         for name, (reader, _) in self.multimodal.items():
-            self._check(name, reader, [(key, 0) for key in keys], hint)
+            self._check(name, reader, [(key, 0) for key in keys], hint, skipped_hint)
 
     @staticmethod
-    def _check(name, reader, rows, hint):
+    def _check(name, reader, rows, hint, skipped_hint=""):
         missing = reader.missing(rows)
         if missing:
             keys = sorted({key for key, _ in missing})
+            skipped = sorted(set(keys) & set(reader.manifest.get("provenance", {}).get("skipped_keys") or []))
+            if skipped:
+                raise MissingRowsError(
+                    f"agent {name!r}: {len(skipped)} training image(s) were left out of its cache by `extract "
+                    f"--on-error skip` (unreadable): {', '.join(skipped[:10])}"
+                    + (f"\n  {skipped_hint}" if skipped_hint else ""), name, missing)
             raise MissingRowsError(
                 f"agent {name!r}: {len(missing)} cached row(s) missing for {len(keys)} image(s), e.g. "
                 f"{', '.join(keys[:3])}" + (f"\n  fill them with: {hint}" if hint else ""), name, missing)
@@ -93,15 +103,20 @@ class TeacherBank:
 
 
 def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], classnames: list[str],
-                  class_set: str, pins: dict[str, str] | None = None, hint: str = "") -> TeacherBank:
-    """Find and open the cache of every agent, checking it belongs to this dataset, split and class set."""
+                  class_set: str, pins: dict[str, str] | None = None, hint: str = "",
+                  dataset_fields: dict | None = None) -> TeacherBank:
+    """Find and open the cache of every agent, checking it belongs to this dataset, split and class set.
+
+    `dataset` is the caches' directory name; `dataset_fields` the dataset's identity in their fingerprints
+    (default: that name and the split hash)."""
     pins = pins or {}
     bank = TeacherBank(list(classnames))
     for name in agents:
-        required = {"dataset": {"name": dataset, "split_hash": split_hash}}
+        required = {"dataset": dataset_fields or {"name": dataset, "split_hash": split_hash}}
         path = _locate(cache_root, dataset, name, required, pins.get(name), hint, class_set)
         reader = CacheReader(path)
         family = reader.manifest["fields"]["agent"]["family"]
+        _check_decoding(name, reader, hint)
         cached_classes = reader.manifest["fields"]["family"].get("classnames")
         bank.paths[name] = str(path)
         if family == "vision":
@@ -146,30 +161,43 @@ def _locate(cache_root, dataset, name, required, pin, hint, class_set):
         return path
     try:
         return select_cache(cache_root, dataset, name, required, hint)
-    except Exception as error:
-        # t2i agents keep one cache per class set: choose by class set when several match
-        from cache_schema import CacheError, list_caches
-
-        if not isinstance(error, CacheError) or "several complete caches" not in str(error):
+    except CacheError as error:
+        if "several complete caches" not in str(error):
             raise
-        matches = [path for path, manifest in list_caches(cache_root, dataset, name)
-                   if manifest.get("status") == "complete"
-                   and manifest["fields"]["family"].get("class_set") == class_set
-                   and manifest["fields"]["dataset"] == {**manifest["fields"]["dataset"], **required["dataset"]}]
-        if len(matches) == 1:
-            return matches[0]
+        # Several match: t2i agents keep one cache per class set, and caches of an older image decoding stay until
+        # `cache gc`. Choose this decoding, then this class set.
+        complete = [(path, manifest) for path, manifest in list_caches(cache_root, dataset, name)
+                    if manifest.get("status") == "complete"
+                    and manifest["fields"]["dataset"] == {**manifest["fields"]["dataset"], **required["dataset"]}]
+        current = [(path, manifest) for path, manifest in complete
+                   if _decoding(manifest) in (None, IMAGE_DECODING_VERSION)]
+        for matches in (current, [(path, manifest) for path, manifest in current
+                                  if manifest["fields"]["family"].get("class_set") == class_set]):
+            if len(matches) == 1:
+                return matches[0][0]
         raise
 
 
-def load_image(image_root, key: str):
-    from PIL import Image
+def _decoding(manifest: dict) -> int | None:
+    """The image decoding a cache's rows were computed with (None: not computed from pixels; absent = 1)."""
+    fields = manifest["fields"]
+    if fields["agent"].get("family") not in IMAGE_FAMILIES:
+        return None
+    return fields["family"].get("image_decoding", 1)
 
-    path = Path(image_root) / key
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise OSError(f"cannot read image {path}: {error}") from None
+
+def _check_decoding(name: str, reader: CacheReader, hint: str) -> None:
+    version = _decoding(reader.manifest)
+    if version not in (None, IMAGE_DECODING_VERSION):
+        raise CacheError(f"agent {name!r}: cache {reader.path} was computed from images decoded by version {version}; "
+                         f"this code decodes them by version {IMAGE_DECODING_VERSION} (16-bit images scaled, not "
+                         "clipped), so its rows would not match the student's pixels; re-extract"
+                         + (f"\n  fill it with: {hint}" if hint else ""))
+
+
+def load_image(image_root, key: str):
+    """The image as both stages decode it (`cache_schema.views.decode_rgb`)."""
+    return load_rgb(Path(image_root) / key)
 
 
 def student_pixels(image, params, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:

@@ -3,13 +3,12 @@
 Determinism is by construction: the epoch's order and the view drawn for each image come from
 numpy's default_rng([seed, epoch]); prompt and gate init from torch.manual_seed(seed). A checkpoint after every
 epoch holds prompts, gates, optimiser, schedule position and RNG states, so a resumed run equals an
-uninterrupted one bit for bit (on the same device).
+uninterrupted one bit for bit (on the same device). Checkpoints are safetensors, never pickles (`distill.checkpoints`).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill import checkpoints
 from distill.data import CLIP_MEAN, CLIP_STD, TeacherBank, ViewImages, load_image, student_pixels
 from distill.gates import build_gates
 from distill.losses import LossWeights, distill_loss
@@ -126,14 +126,12 @@ class Trainer:
                 "config": asdict(self.config)}
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / "checkpoint.pt"
-        temporary = path.with_name("checkpoint.pt.tmp")
-        torch.save(self.state(), temporary)
-        os.replace(temporary, path)
+        path = self.run_dir / checkpoints.FILE
+        checkpoints.save(path, self.state())
         return path
 
     def load_checkpoint(self, path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = checkpoints.load(path)
         if state["gates_built_for"] != self.gates.describe():
             raise ValueError(f"{path}: gates were built for {state['gates_built_for']}, this run has "
                              f"{self.gates.describe()}")
@@ -208,8 +206,12 @@ class Trainer:
                                          student_tokens=tokens, text_features=text_features, **inputs)
         bad = [name for name, value in logged.items() if not math.isfinite(value)]
         if bad:
-            raise NonFiniteLoss(f"loss term(s) {', '.join(bad)} became non-finite at epoch {self.epoch + 1}; "
-                                f"the last good checkpoint ({self.run_dir / 'checkpoint.pt'}) is kept")
+            checkpoint = checkpoints.find(self.run_dir)
+            kept = (f"the last good checkpoint ({checkpoint}, after epoch {self.epoch}) is kept"
+                    if self.epoch > 0 and checkpoint is not None else
+                    "no checkpoint was written (nothing was learned yet); check the caches with `transagent cache "
+                    "verify` and the --lambda-* weights")
+            raise NonFiniteLoss(f"loss term(s) {', '.join(bad)} became non-finite at epoch {self.epoch + 1}; {kept}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()

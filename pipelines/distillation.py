@@ -1,10 +1,12 @@
 """One stage-2 run: resolve the protocol's data and the caches, train, evaluate, write the run directory.
 
-    runs/<dataset>/<protocol>/shots<K>/seed<S>/<ablation>/
-        config.json     the resolved configuration (+ the caches used, relative to the cache root)
-        metrics.jsonl   one line per step: every loss term, lr, mean gate weight per agent
-        checkpoint.pt   prompts + gates + optimiser + schedule + RNG (after every epoch)
-        final.json      accuracies of the last epoch (no selection on test data)
+    runs/<dataset>/<protocol>/shots<K>/seed<S>/<ablation>/     <dataset>: the dataset's slug (`dataset_slug`)
+        config.json             the resolved configuration (+ the caches used, relative to the cache root)
+        metrics.jsonl           one line per step: every loss term, lr, mean gate weight per agent
+        checkpoint.safetensors  prompts + gates + optimiser + schedule + RNG (after every epoch; no pickle)
+        final.json              accuracies of the last epoch (no selection on test data)
+
+A finished run is reused, and an unfinished one resumed, only when its resolved configuration is this one's.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ ABLATION_FLAGS = ("agents", "lambda_vac", "lambda_lac", "lambda_rel", "lambda_ma
 @dataclass
 class DistillOptions:
     dataset: str = "eurosat"
+    dataset_name: str | None = None    # --dataset-name: directory name of a folder dataset (default: its slug)
     data_root: Path = Path("data")
     cache_root: Path = Path("cache")
     runs_root: Path = Path("runs")
@@ -75,13 +78,16 @@ def _short(value) -> str:
 
 
 def run_directory(options: DistillOptions) -> Path:
-    return (Path(options.runs_root) / options.dataset / options.protocol / f"shots{options.shots}" /
-            f"seed{options.seed}" / ablation_slug(options))
+    from pipelines.datasets import dataset_slug
+
+    return (Path(options.runs_root) / dataset_slug(options.dataset, options.dataset_name) / options.protocol /
+            f"shots{options.shots}" / f"seed{options.seed}" / ablation_slug(options))
 
 
 def extract_hint(options: DistillOptions, agent: str, views: int | None) -> str:
     protocol = "base2novel" if options.protocol == "base2novel" else "fewshot"
-    return (f"transagent extract --dataset {options.dataset} --preset {options.preset} --agents {agent} "
+    name = f" --dataset-name {options.dataset_name}" if options.dataset_name else ""
+    return (f"transagent extract --dataset {options.dataset}{name} --preset {options.preset} --agents {agent} "
             f"--protocol {protocol} --shots {options.shots} --seeds {options.seed}"
             + (f" --views {views}" if views else "") + f" --cache-root {options.cache_root}")
 
@@ -89,11 +95,13 @@ def extract_hint(options: DistillOptions, agent: str, views: int | None) -> str:
 def distill(options: DistillOptions) -> dict:
     """Train (or resume, or return the finished result of) one run; returns final.json's content."""
     from cache_schema.pack import reading
+    from distill import checkpoints
     from distill.data import open_teachers
     from distill.trainer import RunConfig, Trainer, evaluate
-    from pipelines.datasets import load_dataset
+    from pipelines.datasets import dataset_slug, fewshot_path, load_dataset
 
     dataset = load_dataset(options.dataset, options.data_root)
+    slug = dataset_slug(options.dataset, options.dataset_name)
     chosen = training_set(dataset, options.protocol, options.shots, options.seed, options.data_root)
     agents = resolve_agents(options.agents)
     student = student_spec(options.preset)
@@ -105,19 +113,22 @@ def distill(options: DistillOptions) -> dict:
     final_path = directory / "final.json"
     if options.force and directory.exists():
         shutil.rmtree(directory)
-    if final_path.exists() and not options.resume:
-        return json.loads(final_path.read_text())
-    if (directory / "checkpoint.pt").exists() and not options.resume:
+    if checkpoints.find(directory) and not final_path.exists() and not options.resume:
         raise RuntimeError(f"{directory} holds a checkpoint of an unfinished run; pass --resume to continue it or "
                            "--force to start over")
 
-    bank = open_teachers(options.cache_root, options.dataset, dataset.split_hash, agents, chosen.classnames,
+    bank = open_teachers(options.cache_root, slug, dataset.split_hash, agents, chosen.classnames,
                          chosen.class_set, options.pins,
-                         hint=extract_hint(options, "<agent>", options.views).replace("<agent>", ",".join(agents)))
+                         hint=extract_hint(options, "<agent>", options.views).replace("<agent>", ",".join(agents)),
+                         dataset_fields=dataset.fingerprint_fields(slug))
+    selection = fewshot_path(dataset, options.shots, options.seed)
     bank.check_rows(chosen.keys, options.views or bank.available_views() or 1,
-                    hint=extract_hint(options, ",".join(bank.vision or bank.multimodal), options.views))
+                    hint=extract_hint(options, ",".join(bank.vision or bank.multimodal), options.views),
+                    skipped_hint=f"repair them and re-run the extraction, or leave them out of this run: delete "
+                                 f"their keys from the \"train\" list of {selection} (their classes then train on "
+                                 "fewer shots)")
     config = RunConfig(
-        dataset=options.dataset, protocol=options.protocol, shots=options.shots, seed=options.seed, agents=agents,
+        dataset=slug, protocol=options.protocol, shots=options.shots, seed=options.seed, agents=agents,
         lambda_vac=options.lambda_vac, lambda_lac=options.lambda_lac, lambda_rel=options.lambda_rel,
         lambda_mac=options.lambda_mac, temperature=options.temperature, router=options.router, views=options.views,
         layers=list(options.layers) if options.layers is not None else None,
@@ -126,12 +137,20 @@ def distill(options: DistillOptions) -> dict:
                       else min(PROMPT_DEPTH[options.protocol], student.layers)),
         student_model=student.model, student_pretrained=student.pretrained, precision=options.precision,
         device=options.device, workers=options.workers)
-    directory.mkdir(parents=True, exist_ok=True)
     resolved = {"run": asdict(config), "preset": options.preset, "split_hash": dataset.split_hash,
-                "train_keys": len(chosen.keys), "classnames": chosen.classnames,
+                "dataset": dataset.fingerprint_fields(slug), "dataset_spec": options.dataset,
+                "train_keys": len(chosen.keys),
+                "train_keys_sha256": hashlib.sha256(json.dumps(chosen.keys).encode()).hexdigest(),
+                "classnames": chosen.classnames,
                 "caches": {name: Path(os.path.relpath(path, options.cache_root)).as_posix()
                            for name, path in bank.paths.items()}}
-    _check_resumed_config(directory / "config.json", resolved, options.resume)
+    if final_path.exists() and not options.resume:
+        _check_same_run(directory, resolved, "reuse")
+        return json.loads(final_path.read_text())
+    check_run_images(dataset, chosen.keys, options.protocol, selection)
+    directory.mkdir(parents=True, exist_ok=True)
+    if options.resume:
+        _check_same_run(directory, resolved, "resume")
     (directory / "config.json").write_text(json.dumps(resolved, indent=1, sort_keys=True) + "\n")
 
     with contextlib.ExitStack() as leases:  # `cache gc` leaves caches alone while a run reads them
@@ -139,25 +158,48 @@ def distill(options: DistillOptions) -> dict:
             leases.enter_context(reading(path))
         trainer = Trainer(config, chosen.keys, chosen.labels, chosen.classnames, dataset.image_root, bank, directory,
                           progress=options.progress)
-        if options.resume and (directory / "checkpoint.pt").exists():
-            trainer.load_checkpoint(directory / "checkpoint.pt")
+        checkpoint = checkpoints.find(directory)
+        if options.resume and checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
         initial = None
         if options.eval_initial and trainer.epoch == 0:
             initial = _evaluate_all(trainer.student, dataset, options, evaluate)
         start = time.perf_counter()
         trainer.fit(stop_after_epoch=options.stop_after_epoch)
-        if not (directory / "checkpoint.pt").exists():  # zero epochs: keep the (initial) prompts for `evaluate`
+        if checkpoints.find(directory) is None:  # zero epochs: keep the (initial) prompts for `evaluate`
             trainer.save_checkpoint()
     if trainer.epoch < config.epochs:
         return {"status": "stopped", "epoch": trainer.epoch, "run_dir": str(directory)}
     accuracy = _evaluate_all(trainer.student, dataset, options, evaluate)
-    final = {"dataset": options.dataset, "protocol": options.protocol, "shots": options.shots, "seed": options.seed,
+    final = {"dataset": slug, "protocol": options.protocol, "shots": options.shots, "seed": options.seed,
              "ablation": directory.name, "agents": agents, "epochs": config.epochs, "accuracy": accuracy,
              "train_seconds": round(time.perf_counter() - start, 3), "run_dir": str(directory)}
     if initial is not None:
         final["initial_accuracy"] = initial
     final_path.write_text(json.dumps(final, indent=1, sort_keys=True) + "\n")
     return final
+
+
+MAX_LISTED = 10  # unreadable images named in an error
+
+
+def check_run_images(dataset, train_keys, protocol: str, selection: Path) -> None:
+    """Every image a run reads must open before training starts: training images are decoded in full (they are
+    read every epoch), test images by their header (decoding a whole test set up front costs as much as testing)."""
+    from pipelines.datasets import DatasetError, unreadable_images
+
+    test_keys = sorted({sample.key for samples, _ in test_sets(dataset, protocol).values() for sample in samples})
+    problems = {**unreadable_images(dataset.image_root, train_keys, decode=True),
+                **unreadable_images(dataset.image_root, test_keys, decode=False)}
+    if problems:
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in list(problems.items())[:MAX_LISTED])
+        train = set(str(dataset.image_root / key) for key in train_keys)
+        advice = "repair or replace them"
+        if train & set(problems):
+            advice += (f"; a training image can also be left out by deleting its key from the \"train\" list of "
+                       f"{selection}")
+        raise DatasetError(f"{len(problems)} image(s) of {dataset.name} cannot be read, nothing was trained "
+                           f"({advice}); the first {min(len(problems), MAX_LISTED)}:\n{listed}")
 
 
 def _evaluate_all(student, dataset, options, evaluate) -> dict:
@@ -170,51 +212,86 @@ def _evaluate_all(student, dataset, options, evaluate) -> dict:
     return accuracy
 
 
-def _check_resumed_config(path: Path, resolved: dict, resume: bool) -> None:
-    if not (resume and path.exists()):
-        return
+# Settings that do not change the numbers of a run (a resumed run may use another device or worker count) or
+# that say where the dataset is rather than what it is.
+NOT_COMPARED = {"device", "workers", "dataset_spec"}
+
+
+def _check_same_run(directory: Path, resolved: dict, action: str) -> None:
+    """A run directory is reused or resumed only for the configuration it was made with."""
     from cache_schema import differing_fields
 
-    previous = json.loads(path.read_text())
-    ignore = {"device", "workers"}
-    old = {k: v for k, v in previous["run"].items() if k not in ignore}
-    new = {k: v for k, v in resolved["run"].items() if k not in ignore}
-    diff = differing_fields(old, new)
+    path = directory / "config.json"
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise ValueError(f"{path} is unreadable ({error}); pass --force to start the run over") from None
+
+    def compared(config):
+        run = config.get("run")
+        return {**{k: v for k, v in config.items() if k not in NOT_COMPARED},
+                "run": {k: v for k, v in run.items() if k not in NOT_COMPARED} if isinstance(run, dict) else run}
+
+    diff = differing_fields(compared(previous), compared(resolved))
     if diff:
-        raise ValueError(f"cannot resume {path.parent}: the configuration changed in {', '.join(diff)}")
+        what = "finished run" if action == "reuse" else "run"
+        raise ValueError(
+            f"cannot {action} {directory}: that {what} was made with another configuration (differs in "
+            f"{', '.join(diff[:8])}); if it is another dataset of the same name, name this one with --dataset-name, "
+            "otherwise pass --force to start over")
 
 
 def evaluate_run(run_dir, dataset_name: str | None, data_root, device: str = "cpu", progress: bool = True) -> dict:
-    """Re-evaluate a trained run's prompts (e.g. on another dataset for cross/dg); writes eval-<dataset>.json."""
-    import torch
+    """Re-evaluate a trained run's prompts (e.g. on another dataset for cross/dg); writes eval-<dataset>.json.
 
+    The checkpoint is parsed, never unpickled (`distill.checkpoints`): a run directory may come from anyone."""
+    from distill import checkpoints
     from distill.student import build_student
     from distill.trainer import evaluate
-    from pipelines.datasets import load_dataset, subsample_classes
+    from pipelines.datasets import dataset_slug, load_dataset, subsample_classes
 
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    run = config["run"]
-    if config["preset"] == "tiny":
+    config_path = run_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+        run = config["run"]
+        fields = {key: run[key] for key in ("dataset", "protocol", "student_model", "student_pretrained",
+                                            "prompt_depth", "n_ctx", "ctx_init", "template")}
+        preset = config["preset"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path} not found; RUN_DIR is a run directory written by `transagent "
+                                "distill`") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_path}: not a run configuration ({type(error).__name__}: {error})") from None
+    checkpoint = checkpoints.find(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint ({checkpoints.FILE})")
+    state = checkpoints.load(checkpoint)
+    if preset == "tiny":
         from pipelines.presets import register_model_configs
 
         register_model_configs()
-    state = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
-    name = dataset_name or run["dataset"]
+    # The run's own dataset: as it was given to distill (runs from before `dataset_spec` stored the name itself)
+    name = dataset_name or config.get("dataset_spec") or fields["dataset"]
     dataset = load_dataset(name, data_root)
-    student = build_student(run["student_model"], run["student_pretrained"], run["prompt_depth"], run["n_ctx"],
-                            run["ctx_init"], None, device, run["template"])
+    slug = fields["dataset"] if dataset_name is None else dataset_slug(dataset_name)
+    student = build_student(fields["student_model"], fields["student_pretrained"], fields["prompt_depth"],
+                            fields["n_ctx"], fields["ctx_init"], None, device, fields["template"])
     student.load_prompt_state_dict(state["prompts"])
-    if name == run["dataset"]:
-        sets = test_sets(dataset, run["protocol"])
+    if slug == fields["dataset"]:
+        sets = test_sets(dataset, fields["protocol"])
     else:
         sets = {"all": subsample_classes(dataset.test, dataset.classnames, "all")}
     accuracy = {which: round(evaluate(student, samples, classnames, dataset.image_root, device=device,
                                       progress=progress), 4) for which, (samples, classnames) in sets.items()}
     if "base" in accuracy and "novel" in accuracy:
         accuracy["hm"] = round(harmonic_mean(accuracy["base"], accuracy["novel"]), 4)
-    result = {"run_dir": str(run_dir), "dataset": name, "accuracy": accuracy}
-    (run_dir / f"eval-{name}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    result = {"run_dir": str(run_dir), "dataset": slug, "accuracy": accuracy}
+    (run_dir / f"eval-{slug}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 
 

@@ -18,6 +18,7 @@ WEIGHTS_MEMO = ".weights-sha256.json"   # under the cache root: digests of local
 @dataclass
 class ExtractOptions:
     dataset: str = "eurosat"
+    dataset_name: str | None = None    # --dataset-name: directory name of a folder dataset (default: its slug)
     data_root: Path = Path("data")
     cache_root: Path = Path("cache")
     preset: str = "paper"
@@ -51,10 +52,11 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
     from extract.agents.base import LoadRequest, Source
     from extract.families import ExtractContext
     from extract.runner import AgentJob, local_weights
-    from pipelines.datasets import load_dataset
+    from pipelines.datasets import dataset_slug, load_dataset
 
     # Images are checked later, and only those the jobs need (`--on-error` decides what a bad one does).
     dataset = dataset or load_dataset(options.dataset, options.data_root, verify=False)
+    slug = dataset_slug(options.dataset, options.dataset_name)
     agents = registry()
     check_agent_options(options, agents)
     student = student_info(options.preset)
@@ -70,7 +72,8 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
         spec = agents[name]
         agent_options = {**default_agent_options(dataset, name), **options.agent_options.get(name, {})}
         base_ctx = ExtractContext(
-            dataset=options.dataset, split_hash=dataset.split_hash, image_root=dataset.image_root, keys=all_keys,
+            dataset=slug, split_hash=dataset.split_hash, dataset_fields=dataset.fingerprint_fields(slug),
+            image_root=dataset.image_root, keys=all_keys,
             classnames=list(dataset.classnames), template=dataset.template, student=student, class_set="all",
             views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
             token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,

@@ -1,5 +1,6 @@
 """Options shared by several sub-commands: one spelling, one meaning, one default."""
 import os
+import tempfile
 from pathlib import Path
 
 import click
@@ -11,6 +12,9 @@ def _path_option(flag, env, default, help_text):
 
 
 dataset = click.option("--dataset", default="eurosat", show_default=True, help="Dataset name (`transagent datasets ls`).")
+dataset_name = click.option("--dataset-name", default=None,
+                            help="Directory name of a folder:<dir> dataset's caches and runs (default: "
+                                 "folder-<last part of dir>); tells apart two folders named alike.")
 data_root = _path_option("--data-root", "TRANSAGENT_DATA", "data", "Root holding the datasets.")
 cache_root = _path_option("--cache-root", "TRANSAGENT_CACHE", "cache", "Root holding teacher caches.")
 runs_root = _path_option("--runs-root", "TRANSAGENT_RUNS", "runs", "Root holding distillation runs.")
@@ -61,3 +65,35 @@ def _parse_wait(ctx, param, value):
 wait = click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, callback=_parse_wait,
                     metavar="SECONDS", help="If another process is writing a cache: wait up to this long for it "
                     "(default: stop at once, naming it).")
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """A device torch can use here, or a one-line error naming the flag (before any model is built)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{device!r} is not a device; use cpu, cuda, cuda:N or auto", param_hint=flag)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{device!r}: torch sees no CUDA GPU on this machine; use cpu or auto",
+                                     param_hint=flag)
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)",
+                                     param_hint=flag)
+    return device
+
+
+def require_writable(directory, flag: str) -> None:
+    """Fail before any work when a root cannot be written (read-only mount, no permission, full disk)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise click.ClickException(f"{flag} {directory} is not writable ({reason}); nothing was written. Choose "
+                                   f"another {flag}, or make it writable") from None

@@ -51,11 +51,14 @@ AGENTS = ("dino", "mae", "sam", "vitdet", "gpt3", "vicuna", "bert", "sd", "pixar
 
 def resolve_agents(names: str | None, known=AGENTS) -> list[str]:
     """'all' | 'none' | 'a,b' -> agent names in registry order; unknown names are an error listing the known."""
-    if names in (None, "", "all"):
+    if names in (None, "all"):
         return list(known)
     if names == "none":
         return []
     chosen = [name.strip() for name in names.split(",") if name.strip()]
+    if not chosen:  # "" must not silently mean all 11
+        raise ValueError(f"--agents {names!r} names no agent; write 'all', 'none' or a comma-separated list of: "
+                         f"{', '.join(known)}")
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise ValueError(f"unknown agent(s) {', '.join(unknown)}; known agents: {', '.join(known)}")

@@ -26,7 +26,7 @@ PAPER_METHOD = "TransAgent"
 PROTOCOLS = ("base2novel", "fewshot", "cross", "dg")
 SECTIONS = ("base2novel", "fewshot", "cross", "dg")
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-RUN_FILES = ("final.json", "config.json", "metrics.jsonl", "checkpoint.pt")
+RUN_FILES = ("final.json", "config.json", "metrics.jsonl", "checkpoint.safetensors", "checkpoint.pt")
 LOSS_TERMS = ("ce", "vac", "lac", "rel", "mac", "total")
 AVERAGE = "Average"
 

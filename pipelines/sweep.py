@@ -171,7 +171,7 @@ def distill_command(options: DistillOptions, python: str = sys.executable) -> li
                "--temperature", repr(o.temperature), "--router", o.router, "--device", o.device,
                "--precision", o.precision, "--workers", str(o.workers)]
     for flag, value in (("--views", o.views), ("--epochs", o.epochs), ("--prompt-depth", o.prompt_depth),
-                        ("--stop-after-epoch", o.stop_after_epoch)):
+                        ("--stop-after-epoch", o.stop_after_epoch), ("--dataset-name", o.dataset_name)):
         if value is not None:
             command += [flag, str(value)]
     for flag, on in (("--eval-initial", o.eval_initial), ("--resume", o.resume), ("--force", o.force)):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from distill import checkpoints
 from pipelines.cli import main
 
 SMALL = {"num_classes": 4, "per_class": (6, 2, 3)}
@@ -63,8 +64,8 @@ def test_all_terms_are_logged_and_agents_change_the_prompts(workspace):
         {f"gate/multimodal/{a}" for a in ("sd", "pixart", "blip2", "shikra")}
     final = json.loads((run / "final.json").read_text())
     assert set(final["accuracy"]) == {"base", "novel", "hm"}
-    prompts = torch.load(run / "checkpoint.pt", weights_only=False)["prompts"]
-    baseline = torch.load(run_dir_of(without.output) / "checkpoint.pt", weights_only=False)["prompts"]
+    prompts = checkpoints.load(run / checkpoints.FILE)["prompts"]
+    baseline = checkpoints.load(run_dir_of(without.output) / checkpoints.FILE)["prompts"]
     assert prompts.keys() == baseline.keys()
     assert any(not torch.equal(prompts[name], baseline[name]) for name in prompts)
     config = json.loads((run / "config.json").read_text())
@@ -104,8 +105,8 @@ def test_resume_after_stop_equals_an_uninterrupted_run(workspace):
     assert "stopped after epoch 2" in stopped.output
     resumed = invoke(*distill_args(workspace, "resumed", *common, "--resume"))
     assert resumed.exit_code == 0, resumed.output
-    a = torch.load(run_dir_of(full.output) / "checkpoint.pt", weights_only=False)
-    b = torch.load(run_dir_of(resumed.output) / "checkpoint.pt", weights_only=False)
+    a = checkpoints.load(run_dir_of(full.output) / checkpoints.FILE)
+    b = checkpoints.load(run_dir_of(resumed.output) / checkpoints.FILE)
     for part in ("prompts", "gates"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part

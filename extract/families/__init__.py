@@ -28,6 +28,7 @@ class ExtractContext:
     template: str                      # dataset prompt template with one "{}", e.g. "a photo of a {}."
     student: StudentInfo
     split_hash: str = ""               # sha256 of the split file: the identity of the keys
+    dataset_fields: dict | None = None  # the dataset's identity in fingerprints (None: name + split hash)
     class_set: str = "all"             # "base" | "all" ... (name of the class set; t2i fingerprints it)
     views: int = 4                     # views per image for vision agents (view 0 = un-augmented)
     view_spec: ViewSpec = field(default_factory=ViewSpec)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
+from cache_schema.views import IMAGE_DECODING_VERSION
 from extract.families.t2i import class_prompts, view0_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,7 +38,8 @@ def arrays(runtime, ctx) -> dict[str, ArraySpec]:
 
 def fingerprint_fields(ctx) -> dict:
     # Per-class scores: any class subset is a slice, so the class set's name stays out.
-    return {"classnames": list(ctx.classnames), "template": ctx.template, "view": 0}
+    return {"classnames": list(ctx.classnames), "template": ctx.template, "view": 0,
+            "image_decoding": IMAGE_DECODING_VERSION}
 
 
 def extra_files(runtime, ctx) -> dict[str, bytes]:

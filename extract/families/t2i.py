@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
-from cache_schema.views import apply_view, view_params
+from cache_schema.views import IMAGE_DECODING_VERSION, apply_view, load_rgb, view_params
 
 TEXT_BATCH = 64  # prompts per text-encoder forward (ImageNet has 1000 classes)
 
@@ -37,7 +37,8 @@ def arrays(runtime, ctx) -> dict[str, ArraySpec]:
 
 def fingerprint_fields(ctx) -> dict:
     # The scores softmax over the class set, so the set itself changes every number.
-    return {"classnames": list(ctx.classnames), "class_set": ctx.class_set, "template": ctx.template, "view": 0}
+    return {"classnames": list(ctx.classnames), "class_set": ctx.class_set, "template": ctx.template, "view": 0,
+            "image_decoding": IMAGE_DECODING_VERSION}
 
 
 def extra_files(runtime, ctx) -> dict[str, bytes]:
@@ -64,13 +65,11 @@ def view0_pixels(ctx, keys, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
     """View 0 of each image at size x size, normalised: float tensor [B, 3, size, size]. The default mean/std map
     [0, 1] to [-1, 1], the VAE's input range."""
     import torch
-    from PIL import Image
 
     batch = []
     for key in keys:
-        with Image.open(ctx.image_path(key)) as image:
-            image = image.convert("RGB")
-            view = apply_view(image, view_params(key, 0, image.width, image.height, ctx.view_spec), size)
+        image = load_rgb(ctx.image_path(key))
+        view = apply_view(image, view_params(key, 0, image.width, image.height, ctx.view_spec), size)
         batch.append(np.asarray(view, dtype=np.float32).transpose(2, 0, 1) / 255.0)
     mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)

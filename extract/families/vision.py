@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
-from cache_schema.views import apply_view, view_params
+from cache_schema.views import IMAGE_DECODING_VERSION, apply_view, load_rgb, view_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,6 +130,7 @@ def fingerprint_fields(ctx) -> dict:
         "student_image_size": ctx.student.image_size,
         "student_grid": ctx.student.grid,
         "view_spec": ctx.view_spec.to_dict(),
+        "image_decoding": IMAGE_DECODING_VERSION,
         "layers": None if ctx.layers is None else [int(layer) for layer in ctx.layers],
         "token_pool": ctx.token_pool,
         "dtype": ctx.dtype,
@@ -200,11 +201,7 @@ def _token_dtype(ctx) -> str:
 
 
 def _open_image(ctx, key: str):
-    from PIL import Image
-
     path = ctx.image_path(key)
     if not path.is_file():
         raise FileNotFoundError(f"image {key!r} not found at {path}")
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
+    return load_rgb(path)

@@ -47,9 +47,13 @@ def cache():
 @click.option("--agent", default=None, help="Only this agent.")
 def ls(cache_root, dataset, agent):
     """List caches: rows, views, size on disk, status and who made them."""
+    import glob
+
     from cache_schema import list_caches
     from cache_schema.pack import summary
+    from pipelines.datasets import dataset_slug
 
+    dataset = glob.escape(dataset_slug(dataset)) if dataset else None  # --dataset folder:<dir> is its directory
     found = [summary(path, manifest) for path, manifest in list_caches(cache_root, dataset, agent)]
     if not found:
         click.echo(f"no caches under {cache_root}")
@@ -92,6 +96,7 @@ def pack(cache_dir, out):
     if out is None:
         manifest = read_json(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
         out = Path(f"{manifest.get('dataset', 'cache')}-{manifest.get('agent', 'agent')}-{cache_dir.name}{PACK_EXT}")
+    opt.require_writable(Path(out).absolute().parent, "-o/--out")
     info = pack_cache(cache_dir, out)
     click.echo(f"{out}  {info.rows} rows  {_size(info.bytes)}  sha256 {info.sha256}")
 
@@ -122,6 +127,7 @@ def pull(url, cache_root, dataset, agent, fingerprint, wait):
     """Download caches listed in URL/index.json (or one URL/...tar), verify them, then make them visible."""
     from pipelines.share import pull as pull_caches
 
+    opt.require_writable(cache_root, "--cache-root")
     results = pull_caches(url, cache_root, dataset, agent, fingerprint, keep_going=True, wait=wait)
     for result in results:
         if result.status == "failed":
@@ -142,6 +148,7 @@ def merge(src_dir, dst_dir, wait):
     """Add SRC_DIR's rows to DST_DIR (same fingerprint); rows both hold must be identical."""
     from cache_schema.pack import merge as merge_caches
 
+    opt.require_writable(dst_dir, "DST_DIR")
     result = merge_caches(src_dir, dst_dir, wait=wait)
     files = f", {len(result.added_files)} file(s)" if result.added_files else ""
     click.echo(f"merged {src_dir} into {dst_dir}: {result.added_rows} new row(s){files}, "

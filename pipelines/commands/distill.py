@@ -12,6 +12,7 @@ from pipelines import options as opt
 
 @click.command()
 @opt.dataset
+@opt.dataset_name
 @opt.data_root
 @opt.cache_root
 @opt.runs_root
@@ -40,9 +41,9 @@ from pipelines import options as opt
 @click.option("--force", is_flag=True, help="Delete an existing run directory and start over.")
 @click.option("--stop-after-epoch", type=click.IntRange(1), default=None, hidden=True)
 @opt.cache_fingerprints
-def distill(dataset, data_root, cache_root, runs_root, preset, agents, protocol, shots, seeds, lambda_vac, lambda_lac,
-            lambda_rel, lambda_mac, temperature, router, views, layers, epochs, prompt_depth, device, precision, workers,
-            eval_initial, resume, force, stop_after_epoch, pins):
+def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, agents, protocol, shots, seeds, lambda_vac,
+            lambda_lac, lambda_rel, lambda_mac, temperature, router, views, layers, epochs, prompt_depth, device,
+            precision, workers, eval_initial, resume, force, stop_after_epoch, pins):
     """Stage 2: train prompts + gates against the caches; evaluate the last epoch."""
     from cache_schema import CacheError
     from pipelines.distillation import DistillOptions
@@ -50,7 +51,8 @@ def distill(dataset, data_root, cache_root, runs_root, preset, agents, protocol,
 
     if protocol == "all":
         raise click.BadParameter("distill trains one protocol at a time", param_hint="--protocol")
-    device = _resolve_device(device)
+    device = opt.check_device(_resolve_device(device))
+    opt.require_writable(runs_root, "--runs-root")
     results = []
     for seed in seeds:
         options = DistillOptions(
@@ -59,7 +61,7 @@ def distill(dataset, data_root, cache_root, runs_root, preset, agents, protocol,
             lambda_rel=lambda_rel, lambda_mac=lambda_mac, temperature=temperature, router=router, views=views,
             layers=layers, epochs=epochs, prompt_depth=prompt_depth, device=device, precision=precision, workers=workers,
             eval_initial=eval_initial, resume=resume, force=force, stop_after_epoch=stop_after_epoch, pins=pins,
-            progress=sys.stderr.isatty())
+            progress=sys.stderr.isatty(), dataset_name=dataset_name)
         try:
             result = run_distill(options)
         except (CacheError, ValueError, FileNotFoundError, RuntimeError) as error:
@@ -106,8 +108,9 @@ def evaluate(run_dir, dataset, data_root, device):
     """Re-evaluate a trained run (its last checkpoint), e.g. on another dataset."""
     from pipelines.distillation import evaluate_run
 
+    device = opt.check_device(_resolve_device(device))
     try:
-        result = evaluate_run(run_dir, dataset, data_root, _resolve_device(device), progress=sys.stderr.isatty())
+        result = evaluate_run(run_dir, dataset, data_root, device, progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error))
     click.echo(f"{result['dataset']}: " + " | ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items()))

@@ -31,8 +31,15 @@ def _parse_ints(ctx, param, value):
         raise click.BadParameter(f"expected integers like '1,2,4,8,16', got {value!r}")
 
 
+def _positive_bytes(ctx, param, value):
+    if not value > 0:  # also refuses nan, which compares false with everything and so would mean "no limit"
+        raise click.BadParameter(f"expected a positive number of bytes like 50e9 (or inf for no limit), got {value}")
+    return value
+
+
 @click.command()
 @opt.dataset
+@opt.dataset_name
 @opt.data_root
 @opt.cache_root
 @opt.preset
@@ -49,7 +56,8 @@ def _parse_ints(ctx, param, value):
 @click.option("--token-pool", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="2 = average 2x2 tokens (14x14 -> 7x7 grid).")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "int8"]), default="float16", show_default=True)
-@click.option("--max-bytes", type=float, default=50e9, show_default=True, help="Refuse to write more than this.")
+@click.option("--max-bytes", type=float, default=50e9, show_default=True, callback=_positive_bytes,
+              help="Refuse to write more than this.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
@@ -64,20 +72,20 @@ def _parse_ints(ctx, param, value):
                    "(listed in the log and in the cache manifest).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and size estimate, write nothing.")
 @opt.wait
-def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views, view_seed, layers,
-            token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, on_error,
-            dry_run, wait):
+def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views,
+            view_seed, layers, token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions,
+            log_path, on_error, dry_run, wait):
     """Stage 1: run each agent once and cache what it knows."""
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
-    from pipelines.datasets import DatasetError
+    from pipelines.datasets import DatasetError, dataset_slug
     from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     protocols = ("base2novel", "fewshot") if protocol == "all" else (protocol,)
     options = ExtractOptions(
-        dataset=dataset, data_root=data_root, cache_root=cache_root, preset=preset, agents=agents,
-        protocols=protocols, shots=shots, seeds=tuple(seeds), views=views, view_seed=view_seed, layers=layers,
-        token_pool=int(token_pool), dtype=dtype, batch_size=batch_size, device=device, backend=backend,
+        dataset=dataset, dataset_name=dataset_name, data_root=data_root, cache_root=cache_root, preset=preset,
+        agents=agents, protocols=protocols, shots=shots, seeds=tuple(seeds), views=views, view_seed=view_seed,
+        layers=layers, token_pool=int(token_pool), dtype=dtype, batch_size=batch_size, device=device, backend=backend,
         agent_paths=agent_paths, agent_options={name: {"descriptions": path} for name, path in descriptions.items()})
     try:
         jobs = build_jobs(options)
@@ -85,7 +93,10 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
     todo = [job for job in jobs if not is_complete(job, cache_root)]
     say = click.echo if rank == 0 else (lambda *a, **k: None)
-    log_path = log_path or Path(cache_root) / dataset / "extract.jsonl"
+    log_path = log_path or Path(cache_root) / dataset_slug(dataset, dataset_name) / "extract.jsonl"
+    if todo and not dry_run:  # before any image is read or model loaded
+        device = opt.check_device(_resolve_device(device) if device == "auto" else device)
+        opt.require_writable(cache_root, "--cache-root")
     bad = unreadable_images(todo)
     if bad:
         listed = "\n".join(f"  {key}: {reason}" for key, reason in list(bad.items())[:MAX_LISTED])
@@ -116,7 +127,6 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
         return
     if not wait:
         _refuse_locked_caches(todo, cache_root)
-    device = _resolve_device(device) if device == "auto" else device
     for job in todo:
         job.ctx.device = job.request.device = device
         job.request.dtype = "float16" if device.startswith("cuda") else "float32"

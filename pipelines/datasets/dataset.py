@@ -4,14 +4,13 @@ Sample keys are image paths exactly as written in the split file (POSIX, relativ
 few-shot files store keys, never absolute paths, so they survive a moved data root.
 """
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from pipelines.datasets.errors import DatasetError
-from pipelines.datasets.registry import DatasetInfo, get_info, instructions
+from pipelines.datasets.registry import DatasetInfo, dataset_slug, get_info, instructions
 from pipelines.datasets.splitfile import SPLITS, read_split
 
 MAX_LISTED = 10  # missing files named in an error message
@@ -45,9 +44,15 @@ class Dataset:
     @property
     def slug(self) -> str:
         """File-system-safe name for cache and run directories (`folder:<dir>` -> `folder-<dir name>`)."""
-        if self.info.converter != "folder":
-            return self.name
-        return "folder-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.info.directory).name or "root")
+        return dataset_slug(self.name)
+
+    def fingerprint_fields(self, slug: str | None = None) -> dict:
+        """What identifies this dataset in cache fingerprints: its name and split hash; a folder dataset adds its
+        class names (its name is only a directory name, `slug`)."""
+        fields = {"name": slug or self.slug, "split_hash": self.split_hash}
+        if self.info.converter == "folder":
+            fields["classnames"] = list(self.classnames)
+        return fields
 
     def image_path(self, key: str) -> Path:
         return self.image_root / key
@@ -150,6 +155,26 @@ def missing_images(image_root: Path, keys: Iterable[str]) -> list[str]:
             except (FileNotFoundError, NotADirectoryError):
                 listings[parent] = set()
     return [key for key in keys if key.rpartition("/")[2] not in listings[key.rpartition("/")[0]]]
+
+
+def unreadable_images(image_root: Path, keys: Iterable[str], decode: bool = True) -> dict[str, str]:
+    """{path: reason} for images that do not open; `decode` decodes each in full (truncated files fail only then),
+    otherwise only the header is read."""
+    from PIL import Image, UnidentifiedImageError
+
+    problems = {}
+    for key in keys:
+        path = Path(image_root) / key
+        try:
+            with Image.open(path) as image:
+                if decode:
+                    image.load()
+        except FileNotFoundError:
+            problems[str(path)] = "missing"
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            reason = "empty file" if path.is_file() and path.stat().st_size == 0 else f"{type(error).__name__}: {error}"
+            problems[str(path)] = reason
+    return problems
 
 
 def check_images(dataset: Dataset, data_root) -> None:

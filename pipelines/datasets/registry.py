@@ -4,6 +4,7 @@ The table itself is data (`registry.json`, transcribed from CoOp's `datasets/*.p
 module only turns it into typed records and renders the "which file goes where" instructions.
 """
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -13,6 +14,7 @@ from pipelines.datasets.errors import DatasetError
 
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
 FOLDER_PREFIX = "folder:"
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a directory name that needs no quoting or escaping
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,30 @@ def folder_info(name: str) -> DatasetInfo:
         sources=(Source("<class name>/", "one folder of images per class (the folder name is the class name)"),
                  Source("split.json", "optional CoOp-format split; when absent a 50/20/30 split per class is "
                         "drawn deterministically and written here on first use")))
+
+
+def dataset_slug(name: str, override: str | None = None) -> str:
+    """The directory name of a dataset's caches and runs (`<cache root>/<slug>/`, `<runs root>/<slug>/`).
+
+    A registry dataset is its CLI name; a folder dataset `folder:<dir>` is `folder-<last part of dir>`, so the same
+    images give the same paths under any data root and no absolute path reaches a directory name or fingerprint.
+    `override` (`--dataset-name`) names a folder dataset explicitly, e.g. to keep two folders called alike apart.
+    Unknown names come back as they are (loading them is the error)."""
+    if override is not None:
+        if not name.startswith(FOLDER_PREFIX):
+            raise DatasetError(f"--dataset-name {override!r}: only folder datasets take a name; {name!r} has its own")
+        if not DATASET_NAME.fullmatch(override):
+            raise DatasetError(f"--dataset-name {override!r}: use 1-64 letters, digits, '.', '_' or '-', starting "
+                               "with a letter or digit")
+        if override in DATASETS:
+            raise DatasetError(f"--dataset-name {override!r} is the name of a registry dataset; choose another")
+        return override
+    if name.startswith(FOLDER_PREFIX):
+        return "folder-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name[len(FOLDER_PREFIX):]).name or "root")
+    try:
+        return get_info(name).name
+    except DatasetError:
+        return name
 
 
 def get_info(name: str) -> DatasetInfo:
