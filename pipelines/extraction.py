@@ -34,7 +34,8 @@ class ExtractOptions:
     device: str = "cpu"
     backend: str = "zarr"
     agent_paths: dict[str, str] = field(default_factory=dict)
-    agent_options: dict[str, dict] = field(default_factory=dict)
+    agent_options: dict[str, dict] = field(default_factory=dict)    # {agent: {"descriptions": FILE}}
+    agent_settings: dict[str, dict] = field(default_factory=dict)   # --agent-option AGENT:KEY=VALUE (pipelines.texts)
 
 
 def student_info(preset: str):
@@ -44,51 +45,88 @@ def student_info(preset: str):
     return StudentInfo(spec.model, spec.pretrained, spec.image_size, spec.patch_size, spec.width, spec.layers)
 
 
-def build_jobs(options: ExtractOptions, dataset=None) -> list:
-    """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set)."""
-    from cache_schema.views import ViewSpec
+def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) -> list:
+    """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set); sd
+    after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made."""
     from extract.agents import registry
-    from extract.agents.base import LoadRequest, Source
-    from extract.families import ExtractContext
-    from extract.runner import AgentJob, local_weights
+    from extract.runner import is_complete, planned_path
     from pipelines.datasets import load_dataset
+    from pipelines.texts import check_settings, plan_texts
 
     # Images are checked later, and only those the jobs need (`--on-error` decides what a bad one does).
     dataset = dataset or load_dataset(options.dataset, options.data_root, verify=False)
     agents = registry()
     check_agent_options(options, agents)
-    student = student_info(options.preset)
+    files = {name: given["descriptions"] for name, given in options.agent_options.items() if "descriptions" in given}
+    check_settings(options.agent_settings, tuple(agents), files)
     keys_by_class_set: dict[str, set[str]] = {}
     for protocol in options.protocols:
         for shots in options.shots:
             for seed in options.seeds:
                 chosen = training_set(dataset, protocol, shots, seed, options.data_root)
                 keys_by_class_set.setdefault(chosen.class_set, set()).update(chosen.keys)
-    all_keys = sorted(set().union(*keys_by_class_set.values())) if keys_by_class_set else []
+    names = resolve_agents(options.agents, tuple(agents))
+    if "sd" in names and "vicuna" in names:
+        names.remove("vicuna")
+        names.insert(names.index("sd"), "vicuna")
     jobs = []
-    for name in resolve_agents(options.agents, tuple(agents)):
-        spec = agents[name]
-        agent_options = {**default_agent_options(dataset, name), **options.agent_options.get(name, {})}
-        base_ctx = ExtractContext(
-            dataset=options.dataset, split_hash=dataset.split_hash, image_root=dataset.image_root, keys=all_keys,
-            classnames=list(dataset.classnames), template=dataset.template, student=student, class_set="all",
-            views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
-            token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
-            options=agent_options)
-        source, weights = None, None
-        if name in options.agent_paths:
-            source = Source(local_path=str(options.agent_paths[name]))
-            weights = local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
-        request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
-                              dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
-                              options=agent_options)
-        if spec.family == "t2i":  # one cache per class set, each over the images that class set trains on
-            for class_set, keys in sorted(keys_by_class_set.items()):
-                classnames = class_subset(dataset.classnames, class_set)
-                jobs.append(AgentJob(spec, replace(base_ctx, keys=sorted(keys), classnames=classnames,
-                                                   class_set=class_set), request, weights))
-        else:
-            jobs.append(AgentJob(spec, base_ctx, request, weights))
+    for name in names:
+        plan = plan_texts(dataset, name, files, options.agent_settings)
+        if plan.skip:
+            echo(plan.skip)
+            continue
+        if plan.note:
+            echo(plan.note)
+        if plan.from_vicuna_cache:  # sd on the descriptions vicuna generates: chain its cache's fingerprint
+            vicuna = next((job for job in jobs if job.spec.name == "vicuna"), None)
+            scheduled = vicuna is not None
+            if vicuna is None:
+                vicuna = _agent_jobs(options, dataset, agents["vicuna"],
+                                     plan_texts(dataset, "vicuna", files, options.agent_settings),
+                                     keys_by_class_set)[0]
+            if scheduled or is_complete(vicuna, options.cache_root):
+                path = planned_path(vicuna, options.cache_root)
+                plan.options = {**plan.options, "vicuna_cache": path.name,
+                                "descriptions": str(path / "files" / "descriptions.json")}
+            else:
+                plan.options = {"conditioning": "template"}
+                echo(f"sd: no vicuna descriptions (vicuna generates them and is neither extracted here nor in the "
+                     f"cache); conditioning on the template {plan.template!r}")
+        jobs.extend(_agent_jobs(options, dataset, agents[name], plan, keys_by_class_set))
+    return jobs
+
+
+def _agent_jobs(options: ExtractOptions, dataset, spec, plan, keys_by_class_set: dict[str, set[str]]) -> list:
+    from cache_schema.views import ViewSpec
+    from extract.agents.base import LoadRequest, Source
+    from extract.families import ExtractContext
+    from extract.runner import AgentJob, local_weights
+
+    name = spec.name
+    student = student_info(options.preset)
+    all_keys = sorted(set().union(*keys_by_class_set.values())) if keys_by_class_set else []
+    agent_options = {**plan.options, **{key: value for key, value in options.agent_options.get(name, {}).items()
+                                        if key != "descriptions"}}
+    base_ctx = ExtractContext(
+        dataset=options.dataset, split_hash=dataset.split_hash, image_root=dataset.image_root, keys=all_keys,
+        classnames=list(dataset.classnames), template=plan.template, student=student, class_set="all",
+        views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
+        token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
+        options=agent_options)
+    source, weights = None, None
+    if name in options.agent_paths:
+        source = Source(local_path=str(options.agent_paths[name]))
+        weights = local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
+    request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
+                          dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
+                          options=agent_options)
+    if spec.family != "t2i":
+        return [AgentJob(spec, base_ctx, request, weights)]
+    jobs = []  # one cache per class set, each over the images that class set trains on
+    for class_set, keys in sorted(keys_by_class_set.items()):
+        classnames = class_subset(dataset.classnames, class_set)
+        jobs.append(AgentJob(spec, replace(base_ctx, keys=sorted(keys), classnames=classnames, class_set=class_set),
+                             request, weights))
     return jobs
 
 
@@ -105,12 +143,6 @@ def check_agent_options(options: ExtractOptions, agents) -> None:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--agent-path {name}={path}: no such directory (a transformers-format model "
                                     f"directory; `transagent agents convert` writes one for vitdet and shikra)")
-
-
-def default_agent_options(dataset, agent: str) -> dict:
-    """Agent inputs that live with the dataset: `<dataset dir>/descriptions/<agent>.json` (CuPL/ProText format)."""
-    descriptions = Path(dataset.root) / "descriptions" / f"{agent}.json"
-    return {"descriptions": str(descriptions)} if descriptions.exists() else {}
 
 
 def class_subset(classnames: list[str], class_set: str) -> list[str]:
