@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shutil
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -42,7 +43,7 @@ def prepare(name: str | DatasetInfo, data_root, *, download: bool = True, verify
         if source.path not in missing:
             continue
         if not download:
-            echo(f"{info.name}: {source.path} is missing (not downloading: --no-download)")
+            echo(f"{info.name}: {source.path} is missing (not downloading)")
             continue
         fetch(info, data_root, source, echo)
     split_path = info.split_path(data_root)
@@ -66,8 +67,12 @@ def missing_downloads(info: DatasetInfo, data_root, descriptions: tuple[str, ...
 def fetch(info: DatasetInfo, data_root: Path, source: Source, echo) -> None:
     """Download one source, check it, and put it in place (a file as is, a zip extracted into the dataset dir)."""
     root = info.dataset_dir(data_root)
-    name = source.url.rsplit("/", 1)[-1] if source.download == "zip" else Path(source.path).name
-    downloaded = root / ".downloads" / (name if source.download == "zip" else name + ".part")
+    if source.download == "zip":   # the archive's own name, or the folder's for a link without one (Drive)
+        name = Path(urllib.parse.urlparse(source.url).path).name
+        name = name if name.endswith(".zip") else Path(source.path.rstrip("/")).name + ".zip"
+    else:
+        name = Path(source.path).name + ".part"
+    downloaded = root / ".downloads" / name
     downloaded.parent.mkdir(parents=True, exist_ok=True)
     if source.download not in ("zip", "file"):
         raise DatasetError(f"{info.name}: unsupported download type {source.download!r} for {source.path}")
