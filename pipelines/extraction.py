@@ -48,8 +48,11 @@ def student_info(preset: str):
 def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) -> list:
     """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set); sd
     after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made."""
+    from cache_schema.views import ViewSpec
     from extract.agents import registry
-    from extract.runner import is_complete, planned_path
+    from extract.agents.base import LoadRequest, Source
+    from extract.families import ExtractContext
+    from extract.runner import AgentJob, local_weights
     from pipelines.datasets import load_dataset
     from pipelines.texts import check_settings, plan_texts
 
@@ -59,75 +62,68 @@ def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) ->
     check_agent_options(options, agents)
     files = {name: given["descriptions"] for name, given in options.agent_options.items() if "descriptions" in given}
     check_settings(options.agent_settings, tuple(agents), files)
+    student = student_info(options.preset)
     keys_by_class_set: dict[str, set[str]] = {}
     for protocol in options.protocols:
         for shots in options.shots:
             for seed in options.seeds:
                 chosen = training_set(dataset, protocol, shots, seed, options.data_root)
                 keys_by_class_set.setdefault(chosen.class_set, set()).update(chosen.keys)
+    all_keys = sorted(set().union(*keys_by_class_set.values())) if keys_by_class_set else []
     names = resolve_agents(options.agents, tuple(agents))
     if "sd" in names and "vicuna" in names:
         names.remove("vicuna")
         names.insert(names.index("sd"), "vicuna")
     jobs = []
     for name in names:
+        spec = agents[name]
         plan = plan_texts(dataset, name, files, options.agent_settings)
         if plan.skip:
             echo(plan.skip)
             continue
         if plan.note:
             echo(plan.note)
-        if plan.from_vicuna_cache:  # sd on the descriptions vicuna generates: chain its cache's fingerprint
-            vicuna = next((job for job in jobs if job.spec.name == "vicuna"), None)
-            scheduled = vicuna is not None
-            if vicuna is None:
-                vicuna = _agent_jobs(options, dataset, agents["vicuna"],
-                                     plan_texts(dataset, "vicuna", files, options.agent_settings),
-                                     keys_by_class_set)[0]
-            if scheduled or is_complete(vicuna, options.cache_root):
-                path = planned_path(vicuna, options.cache_root)
-                plan.options = {**plan.options, "vicuna_cache": path.name,
-                                "descriptions": str(path / "files" / "descriptions.json")}
-            else:
-                plan.options = {"conditioning": "template"}
-                echo(f"sd: no vicuna descriptions (vicuna generates them and is neither extracted here nor in the "
-                     f"cache); conditioning on the template {plan.template!r}")
-        jobs.extend(_agent_jobs(options, dataset, agents[name], plan, keys_by_class_set))
+        if plan.from_vicuna_cache:
+            plan.options = _vicuna_cache_conditioning(options, dataset, plan, jobs, echo)
+        agent_options = {**plan.options, **{key: value for key, value in options.agent_options.get(name, {}).items()
+                                            if key != "descriptions"}}
+        base_ctx = ExtractContext(
+            dataset=options.dataset, split_hash=dataset.split_hash, image_root=dataset.image_root, keys=all_keys,
+            classnames=list(dataset.classnames), template=plan.template, student=student, class_set="all",
+            views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
+            token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
+            options=agent_options)
+        source, weights = None, None
+        if name in options.agent_paths:
+            source = Source(local_path=str(options.agent_paths[name]))
+            weights = local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
+        request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
+                              dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
+                              options=agent_options)
+        if spec.family == "t2i":  # one cache per class set, each over the images that class set trains on
+            for class_set, keys in sorted(keys_by_class_set.items()):
+                classnames = class_subset(dataset.classnames, class_set)
+                jobs.append(AgentJob(spec, replace(base_ctx, keys=sorted(keys), classnames=classnames,
+                                                   class_set=class_set), request, weights))
+        else:
+            jobs.append(AgentJob(spec, base_ctx, request, weights))
     return jobs
 
 
-def _agent_jobs(options: ExtractOptions, dataset, spec, plan, keys_by_class_set: dict[str, set[str]]) -> list:
-    from cache_schema.views import ViewSpec
-    from extract.agents.base import LoadRequest, Source
-    from extract.families import ExtractContext
-    from extract.runner import AgentJob, local_weights
+def _vicuna_cache_conditioning(options: ExtractOptions, dataset, plan, jobs: list, echo) -> dict:
+    """sd on the descriptions vicuna generates: they will be in vicuna's cache, whose fingerprint sd's chains. If
+    vicuna is neither extracted in this run nor complete in the cache, sd conditions on the template."""
+    from extract.runner import is_complete, planned_path
 
-    name = spec.name
-    student = student_info(options.preset)
-    all_keys = sorted(set().union(*keys_by_class_set.values())) if keys_by_class_set else []
-    agent_options = {**plan.options, **{key: value for key, value in options.agent_options.get(name, {}).items()
-                                        if key != "descriptions"}}
-    base_ctx = ExtractContext(
-        dataset=options.dataset, split_hash=dataset.split_hash, image_root=dataset.image_root, keys=all_keys,
-        classnames=list(dataset.classnames), template=plan.template, student=student, class_set="all",
-        views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
-        token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
-        options=agent_options)
-    source, weights = None, None
-    if name in options.agent_paths:
-        source = Source(local_path=str(options.agent_paths[name]))
-        weights = local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
-    request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
-                          dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
-                          options=agent_options)
-    if spec.family != "t2i":
-        return [AgentJob(spec, base_ctx, request, weights)]
-    jobs = []  # one cache per class set, each over the images that class set trains on
-    for class_set, keys in sorted(keys_by_class_set.items()):
-        classnames = class_subset(dataset.classnames, class_set)
-        jobs.append(AgentJob(spec, replace(base_ctx, keys=sorted(keys), classnames=classnames, class_set=class_set),
-                             request, weights))
-    return jobs
+    vicuna = next((job for job in jobs if job.spec.name == "vicuna"), None)
+    if vicuna is None:
+        vicuna = build_jobs(replace(options, agents="vicuna"), dataset)[0]
+        if not is_complete(vicuna, options.cache_root):
+            echo(f"sd: no vicuna descriptions (vicuna generates them and is neither extracted here nor in the "
+                 f"cache); conditioning on the template {plan.template!r}")
+            return {"conditioning": "template"}
+    path = planned_path(vicuna, options.cache_root)
+    return {**plan.options, "vicuna_cache": path.name, "descriptions": str(path / "files" / "descriptions.json")}
 
 
 def check_agent_options(options: ExtractOptions, agents) -> None:
