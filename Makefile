@@ -11,6 +11,7 @@ SEEDS ?= 1
 AGENTS ?= all
 PRESET ?= paper
 GPUS ?= 1
+EXTRACT_FLAGS ?=
 EXTRACT_PROTOCOL = $(if $(filter fewshot cross,$(PROTOCOL)),fewshot,base2novel)
 SEEDS_CSV = $(subst $(eval) ,$(comma),$(strip $(SEEDS)))
 SHOTS_CSV = $(subst $(eval) ,$(comma),$(strip $(SHOTS)))
@@ -38,13 +39,17 @@ demo: install  ## synthetic dataset + tiny agents on CPU: extract, distill base2
 		--lambda-mac 0.02 --eval-initial
 	$(TRANSAGENT) report demo/runs
 
-extract: install  ## stage 1: the paper's agents on DATASET (GPU; downloads models on first use)
+# `extract` fetches a missing dataset (and the official descriptions) itself; the torchrun ranks only read, so
+# with GPUS > 1 `datasets prepare` runs first.
+extract: install  ## stage 1: the paper's agents on DATASET (GPU; downloads the dataset and models on first use)
 ifeq ($(GPUS),1)
 	$(TRANSAGENT) extract --dataset $(DATASET) --preset $(PRESET) --agents $(AGENTS) \
-		--protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS_CSV) --seeds $(SEEDS_CSV)
+		--protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS_CSV) --seeds $(SEEDS_CSV) $(EXTRACT_FLAGS)
 else
+	$(TRANSAGENT) datasets prepare $(DATASET)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(GPUS) -m pipelines extract --dataset $(DATASET) \
-		--preset $(PRESET) --agents $(AGENTS) --protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS_CSV) --seeds $(SEEDS_CSV)
+		--preset $(PRESET) --agents $(AGENTS) --protocol $(EXTRACT_PROTOCOL) --shots $(SHOTS_CSV) --seeds $(SEEDS_CSV) \
+		$(EXTRACT_FLAGS)
 endif
 
 distill: install  ## stage 2: prompts + gates on the caches (PROTOCOL, SHOTS, SEEDS)

@@ -35,7 +35,8 @@ class ExtractOptions:
     device: str = "cpu"
     backend: str = "zarr"
     agent_paths: dict[str, str] = field(default_factory=dict)
-    agent_options: dict[str, dict] = field(default_factory=dict)
+    agent_options: dict[str, dict] = field(default_factory=dict)    # {agent: {"descriptions": FILE}}
+    agent_settings: dict[str, dict] = field(default_factory=dict)   # --agent-option AGENT:KEY=VALUE (pipelines.texts)
 
 
 def student_info(preset: str):
@@ -45,20 +46,24 @@ def student_info(preset: str):
     return StudentInfo(spec.model, spec.pretrained, spec.image_size, spec.patch_size, spec.width, spec.layers)
 
 
-def build_jobs(options: ExtractOptions, dataset=None) -> list:
-    """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set)."""
+def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) -> list:
+    """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set); sd
+    after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made."""
     from cache_schema.views import ViewSpec
     from extract.agents import registry
     from extract.agents.base import LoadRequest, Source
     from extract.families import ExtractContext
     from extract.runner import AgentJob, local_weights
     from pipelines.datasets import dataset_slug, load_dataset
+    from pipelines.texts import check_settings, plan_texts
 
     # Images are checked later, and only those the jobs need (`--on-error` decides what a bad one does).
     dataset = dataset or load_dataset(options.dataset, options.data_root, verify=False)
     slug = dataset_slug(options.dataset, options.dataset_name)
     agents = registry()
     check_agent_options(options, agents)
+    files = {name: given["descriptions"] for name, given in options.agent_options.items() if "descriptions" in given}
+    check_settings(options.agent_settings, tuple(agents), files)
     student = student_info(options.preset)
     keys_by_class_set: dict[str, set[str]] = {}
     for protocol in options.protocols:
@@ -67,14 +72,27 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
                 chosen = training_set(dataset, protocol, shots, seed, options.data_root)
                 keys_by_class_set.setdefault(chosen.class_set, set()).update(chosen.keys)
     all_keys = sorted(set().union(*keys_by_class_set.values())) if keys_by_class_set else []
+    names = resolve_agents(options.agents, tuple(agents))
+    if "sd" in names and "vicuna" in names:
+        names.remove("vicuna")
+        names.insert(names.index("sd"), "vicuna")
     jobs = []
-    for name in resolve_agents(options.agents, tuple(agents)):
+    for name in names:
         spec = agents[name]
-        agent_options = {**default_agent_options(dataset, name), **options.agent_options.get(name, {})}
+        plan = plan_texts(dataset, name, files, options.agent_settings)
+        if plan.skip:
+            echo(plan.skip)
+            continue
+        if plan.note:
+            echo(plan.note)
+        if plan.from_vicuna_cache:
+            plan.options = _vicuna_cache_conditioning(options, dataset, plan, jobs, echo)
+        agent_options = {**plan.options, **{key: value for key, value in options.agent_options.get(name, {}).items()
+                                            if key != "descriptions"}}
         base_ctx = ExtractContext(
             dataset=slug, split_hash=dataset.split_hash, dataset_fields=dataset.fingerprint_fields(slug),
             image_root=dataset.image_root, keys=all_keys,
-            classnames=list(dataset.classnames), template=dataset.template, student=student, class_set="all",
+            classnames=list(dataset.classnames), template=plan.template, student=student, class_set="all",
             views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
             token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
             options=agent_options)
@@ -95,6 +113,22 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
     return jobs
 
 
+def _vicuna_cache_conditioning(options: ExtractOptions, dataset, plan, jobs: list, echo) -> dict:
+    """sd on the descriptions vicuna generates: they will be in vicuna's cache, whose fingerprint sd's chains. If
+    vicuna is neither extracted in this run nor complete in the cache, sd conditions on the template."""
+    from extract.runner import is_complete, planned_path
+
+    vicuna = next((job for job in jobs if job.spec.name == "vicuna"), None)
+    if vicuna is None:
+        vicuna = build_jobs(replace(options, agents="vicuna"), dataset)[0]
+        if not is_complete(vicuna, options.cache_root):
+            echo(f"sd: no vicuna descriptions (vicuna generates them and is neither extracted here nor in the "
+                 f"cache); conditioning on the template {plan.template!r}")
+            return {"conditioning": "template"}
+    path = planned_path(vicuna, options.cache_root)
+    return {**plan.options, "vicuna_cache": path.name, "descriptions": str(path / "files" / "descriptions.json")}
+
+
 def check_agent_options(options: ExtractOptions, agents) -> None:
     """Per-agent flags must name known agents, and local weights must exist (checked before anything loads)."""
     for flag, given in (("--agent-path", options.agent_paths), ("--descriptions", options.agent_options)):
@@ -108,12 +142,6 @@ def check_agent_options(options: ExtractOptions, agents) -> None:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--agent-path {name}={path}: no such directory (a transformers-format model "
                                     f"directory; `transagent agents convert` writes one for vitdet and shikra)")
-
-
-def default_agent_options(dataset, agent: str) -> dict:
-    """Agent inputs that live with the dataset: `<dataset dir>/descriptions/<agent>.json` (CuPL/ProText format)."""
-    descriptions = Path(dataset.root) / "descriptions" / f"{agent}.json"
-    return {"descriptions": str(descriptions)} if descriptions.exists() else {}
 
 
 def class_subset(classnames: list[str], class_set: str) -> list[str]:

@@ -1,4 +1,5 @@
 """Options shared by several sub-commands: one spelling, one meaning, one default."""
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +51,23 @@ def parse_agent_pairs(ctx, param, values) -> dict[str, str]:
             raise click.BadParameter(f"expected AGENT=VALUE, got {value!r}")
         pairs[name.strip()] = rest.strip()
     return pairs
+
+
+def parse_agent_settings(ctx, param, values) -> dict[str, dict]:
+    """Repeated AGENT:KEY=VALUE flags (--agent-option) -> {agent: {key: value}}; a VALUE that reads as JSON (5,
+    true, ["a", "b"]) is that value, anything else the string itself."""
+    settings: dict[str, dict] = {}
+    for value in values:
+        head, sep, raw = value.partition("=")
+        agent, colon, key = head.partition(":")
+        if not sep or not colon or not agent.strip() or not key.strip():
+            raise click.BadParameter(f"expected AGENT:KEY=VALUE (e.g. vicuna:descriptions=generate), got {value!r}")
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = raw.strip()
+        settings.setdefault(agent.strip(), {})[key.strip()] = parsed
+    return settings
 
 
 cache_fingerprints = click.option("--cache-fingerprint", "pins", multiple=True, callback=parse_agent_pairs,

@@ -130,8 +130,33 @@ def test_vicuna_generates_stores_and_encodes_its_descriptions(runtimes, tmp_path
     assert descriptions[CLASSNAMES[0]] != descriptions[CLASSNAMES[1]]
     np.testing.assert_allclose(features, expected_class_features(list(descriptions.values())), atol=1e-5)
     fresh = get_agent("vicuna").load(LoadRequest(tiny=True, student=STUDENT, seed=0))
-    assert language.extra_files(fresh, ctx)["descriptions.json"] == stored      # greedy / beam: reproducible
+    backwards = context(tmp_path, options=dict(QUICK), classnames=CLASSNAMES[::-1])
+    stored_backwards = json.loads(language.extra_files(fresh, backwards)["descriptions.json"])
+    assert stored_backwards == descriptions   # each sample seeded by (class, question, i): order and runs agree
     np.testing.assert_array_equal(run(fresh, ctx), features)
+
+
+def test_vicuna_samples_each_answer_independently_from_its_own_seed(runtimes, tmp_path):
+    """10 independent samples per question as the official counts imply (not the N best beams of one search),
+    sample i of (class, question) drawn after seeding torch with sample_seed(class, question, i)."""
+    from extract.agents.vicuna import CHAT_TEMPLATE, sample_seed
+
+    runtime = runtimes["vicuna"]
+    question = QUICK["questions"][0]
+    settings = runtime.settings(context(tmp_path, options={"questions": [question], "generations": 2}))
+    answers = runtime.ask("Forest", question, settings)
+    assert len(answers) == 2 and answers[0] != answers[1]
+    model, tokenizer = runtime.llm()
+    prompt = tokenizer(CHAT_TEMPLATE.format(question=question.format("Forest")), return_tensors="pt")
+    torch.manual_seed(sample_seed("Forest", question, 1))
+    with torch.no_grad():
+        out = model.generate(**prompt, do_sample=True, temperature=settings["temperature"], top_k=0, top_p=1.0,
+                             max_new_tokens=settings["max_new_tokens"], pad_token_id=tokenizer.pad_token_id)
+    assert " ".join(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).split()) \
+        == answers[1]
+    assert CHAT_TEMPLATE.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    assert sample_seed("Forest", question, 1) not in (sample_seed("Forest", question, 2),
+                                                      sample_seed("River", question, 1))
 
 
 def test_vicuna_reads_a_descriptions_file_without_loading_the_llm(descriptions_file, tmp_path):

@@ -1,5 +1,6 @@
 """Text-to-image agents (sd, pixart) on tiny random models: scores recomputed by hand from the denoiser's own
 attention inputs, the capture leaves the forward pass unchanged, and scores depend on the class set."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -277,6 +278,65 @@ def test_resolved_commit_is_read_from_the_hub_cache(monkeypatch, tmp_path):
     assert t2i.hub_commit(Source(hub_id="CompVis/stable-diffusion-v1-4", revision=commit), "model_index.json") == commit
     assert t2i.hub_commit(Source(hub_id="PixArt-alpha/PixArt-XL-2-512x512"), "model_index.json") is None
     assert t2i.hub_commit(Source(local_path=str(tmp_path)), "model_index.json") is None
+
+
+DESCRIPTIONS = {  # as a Vicuna descriptions file spells its keys (case and '_' differ from the class names)
+    "annual crop land": ["Rows of green crops.", "A patchwork of fields seen from above.", "Farmland."],
+    "FOREST": ["Dense trees.", "A dark green canopy."],
+    "highway_or_road": ["A grey line through the land."],
+    "River": ["A winding band of water.", "Water between banks."],
+    "Sea or Lake": ["A wide blue surface."],
+}
+
+
+def test_sd_is_conditioned_on_the_mean_eot_feature_of_the_vicuna_descriptions(agent, image_root, tmp_path):
+    """Official LLM_TEMPLATE: True: class vector = normalise(mean over the class's descriptions of the EOT
+    feature); PixArt keeps the template."""
+    name, runtime = agent
+    descriptions = tmp_path / "vicuna.json"
+    descriptions.write_text(json.dumps(DESCRIPTIONS))
+    ctx = context(image_root)
+    ctx.options = {"conditioning": "vicuna", "descriptions": str(descriptions)}
+    if name == "pixart":
+        with pytest.raises(ValueError, match="conditions on \\['template'\\], not 'vicuna'"):
+            t2i.compute(runtime, t2i.rows(ctx), ctx)
+        return
+    texts = list(DESCRIPTIONS.values())
+    with torch.no_grad():
+        means = []
+        for group in texts:   # the EOT features of a class's descriptions, averaged before normalising
+            ids = runtime.tokenizer(group, padding="max_length", max_length=77, truncation=True,
+                                    return_tensors="pt").input_ids
+            hidden = runtime.text_encoder(input_ids=ids).last_hidden_state
+            eot = torch.tensor([row.tolist().index(runtime.tokenizer.eos_token_id) for row in ids])
+            means.append(hidden[torch.arange(len(group)), eot].mean(dim=0))
+        expected = torch.nn.functional.normalize(torch.stack(means), dim=-1)
+        single = reference_class_tokens("sd", runtime, [group[0] for group in texts])
+    tokens = runtime.class_tokens(t2i.class_texts(runtime, ctx))
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(tokens[0], single[0], atol=1e-3)   # a mean over 3 descriptions, not the first one
+    template = runtime.class_tokens(t2i.class_texts(runtime, context(image_root)))
+    assert not torch.allclose(tokens, template, atol=1e-3)
+    scores = t2i.compute(runtime, t2i.rows(ctx)[:1], ctx)["scores"]   # compute feeds these class vectors
+    pixels = t2i.view0_pixels(ctx, ctx.keys[:1], runtime.image_size)
+    np.testing.assert_allclose(scores, runtime.scores(pixels, expected).numpy(), rtol=0, atol=1e-5)
+
+    fields = t2i.fingerprint_fields(ctx)   # the descriptions by content; the template plays no part
+    assert fields["conditioning"] == "vicuna" and "template" not in fields and len(fields["descriptions_sha256"]) == 64
+    ctx.template = "a photo of a {}."
+    assert t2i.fingerprint_fields(ctx) == fields
+    descriptions.write_text(json.dumps({**DESCRIPTIONS, "River": ["A river."]}))
+    assert t2i.fingerprint_fields(ctx) != fields
+    chained = dict(ctx.options, vicuna_cache="0123456789abcdef", descriptions=str(tmp_path / "missing.json"))
+    ctx.options = chained   # vicuna's generated descriptions: its fingerprint is chained, the file read at run time
+    assert t2i.fingerprint_fields(ctx)["vicuna_cache"] == "0123456789abcdef"
+    with pytest.raises(FileNotFoundError, match="extract vicuna first"):
+        t2i.compute(runtime, t2i.rows(ctx), ctx)
+    for bad in ({"conditioning": "vicuna"}, {"conditioning": "t5"}, {"descriptions": str(descriptions)},
+                {"template": "coop"}):
+        ctx.options = bad
+        with pytest.raises(ValueError, match="t2i"):
+            t2i.fingerprint_fields(ctx)
 
 
 @pytest.mark.slow

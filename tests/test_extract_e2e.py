@@ -118,6 +118,18 @@ def test_all_agents_write_complete_verified_caches(reference):
     assert all(entry["model_loaded"] and entry["peak_rss_bytes"] > 0 for entry in done)
 
 
+def test_sd_runs_after_vicuna_on_the_descriptions_it_generated(reference):
+    """synthetic has no official Vicuna descriptions: vicuna generates them, sd (run after it) is conditioned on them
+    and its fingerprint names vicuna's cache."""
+    found = caches(reference / "cache")
+    vicuna = next(path for name, path in found.items() if name.startswith("vicuna/"))
+    sd = manifest(next(path for name, path in found.items() if name.startswith("sd/")))["fields"]["family"]
+    assert sd["conditioning"] == "vicuna" and sd["vicuna_cache"] == vicuna.name and "template" not in sd
+    assert (vicuna / "files" / "descriptions.json").is_file()
+    done = [entry["agent"] for entry in log_entries(reference / "cache") if entry.get("status") == "done"]
+    assert done.index("vicuna") < done.index("sd")
+
+
 def test_a_second_extract_loads_no_model_and_imports_no_torch(reference, monkeypatch):
     from extract.agents import registry
 
@@ -239,8 +251,13 @@ def test_fingerprint_follows_everything_that_changes_the_numbers(jobs, tmp_path)
     for job in jobs.values():  # the split file is the identity of the keys, for every agent
         assert path(job, split_hash="0" * 64) != path(job)
     for job in (sd, blip2, bert, gpt3):  # text agents: template and class names
-        assert path(job, template="a blurry photo of a {}.") != path(job)
+        assert path(job, template="a blurry photo of a {}.") != path(job) or job is sd
         assert path(job, classnames=[*job.ctx.classnames[:-1], "grey blob"]) != path(job)
+    # sd is conditioned on the descriptions vicuna generates: its fingerprint chains vicuna's, not the template
+    assert sd.ctx.options["vicuna_cache"] == planned_path(jobs["vicuna"], tmp_path).name
+    assert path(sd, options={**sd.ctx.options, "vicuna_cache": "0" * 16}) != path(sd)
+    on_template = {"conditioning": "template"}
+    assert path(sd, options=on_template, template="a blurry photo of a {}.") != path(sd, options=on_template)
     assert path(dino, template="a blurry photo of a {}.") == path(dino)  # vision agents read no text
     # t2i scores softmax over the class set; i2t scores are per class and sliced freely
     assert path(sd, class_set="all") != path(sd)

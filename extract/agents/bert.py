@@ -1,4 +1,4 @@
-"""A BERT-family sentence encoder (all-MiniLM-L6-v2 by default): the dataset template per class, mean-pooled over
+"""A BERT-family sentence encoder (all-MiniLM-L6-v2 by default): the official per-dataset template per class, mean-pooled over
 real tokens and L2-normalised, in the encoder's own space ([C, 384]); stage 2 uses its class similarities.
 The official code has no BERT agent although the paper lists one (reference §3.0 row 7)."""
 from __future__ import annotations
@@ -67,7 +67,7 @@ SPEC = AgentSpec(
     source=SOURCE,
     preprocessing={
         "space": "own",  # class features in the encoder's own space: stage 2 uses them for L_REL
-        "text": "the dataset template per class",
+        "text": "the official per-dataset template (DS_TEMPLATE) per class",
         "tokens": f"truncated to {MAX_LENGTH}",
         "pooling": "mean over real tokens (attention mask) of the last hidden state, L2-normalised",
     },

@@ -90,7 +90,7 @@ SPEC = AgentSpec(
         "view": 0, "image_size": IMAGE_SIZE, "resize": "bicubic", "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
         "image": "Q-Former first query token -> language_projection, L2-normalised",
         "text": "OPT last hidden state, mean over non-padding tokens (right padding), L2-normalised",
-        "prompt": "dataset template", "score": "cosine",
+        "prompt": "the official per-dataset template (DS_TEMPLATE)", "score": "cosine",
     },
     emits=("scores", "image_features"),
     load=load,

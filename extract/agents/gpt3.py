@@ -1,5 +1,6 @@
-"""GPT-3 class descriptions (API-only, so read from a CuPL/ProText-style JSON file), encoded by the frozen student
-CLIP text encoder: per class, normalise(mean of the descriptions' features) -> [C, 512] for ViT-B/16."""
+"""GPT-3 class descriptions (API-only, so read from a CuPL/ProText-style JSON file: by default the official ProText
+file that `transagent datasets prepare` fetches), encoded by the frozen student CLIP text encoder: per class,
+normalise(mean of the descriptions' features) -> [C, 512] for ViT-B/16."""
 from __future__ import annotations
 
 from extract.agents.base import AgentSpec, LoadRequest, Source
@@ -29,8 +30,9 @@ def load(request: LoadRequest) -> Gpt3Runtime:
 SPEC = AgentSpec(
     name="gpt3",
     family="language",
-    source=Source(note="descriptions JSON {classname: [description, ...]}: --descriptions gpt3=FILE or "
-                       "<dataset>/descriptions/gpt3.json (e.g. ProText template_protext/<Dataset>_prompts.json)"),
+    source=Source(note="descriptions JSON {classname: [description, ...]}: the official ProText file "
+                       "(template_protext/<Dataset>_prompts.json) that `datasets prepare` fetches to "
+                       "<dataset>/descriptions/gpt3.json, or --descriptions gpt3=FILE"),
     preprocessing={
         "space": "student",  # class features in the student's text space: stage 2 uses them for L_LAC
         "text": "every description of the class (keys matched case-insensitively, '_' = ' ')",

@@ -1,6 +1,7 @@
 """PixArt-α XL/2 512 (text-to-image): cross-attention of the transformer to the class vectors (reference §3.4).
 
-Class vector = T5 v1.1 XXL encoder output averaged over the prompt's real tokens (the official code averaged over
+Class vector = T5 v1.1 XXL encoder output for the class prompt (the official per-dataset template, DS_TEMPLATE)
+averaged over the prompt's real tokens (the official code averaged over
 all 120 positions, padding included), L2-normalised; it passes through PixArt's own caption projection with an
 all-ones attention mask. All cross-attention layers are captured; they share one resolution.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from extract.agents._loading import from_pretrained, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.t2i import T2IAgent, hub_commit, l2_normalise, timesteps
+from extract.families.t2i import T2IAgent, hub_commit, timesteps
 
 HUB_ID = "PixArt-alpha/PixArt-XL-2-512x512"
 REVISION = "50f702106901db6d0f8b67eb88e814c56ded2692"
@@ -42,12 +43,12 @@ class PixArtAlpha(T2IAgent):
                          capture_prefixes=CAPTURE, resolutions=(grid * grid,),
                          resolved_revision=resolved_revision)
 
-    def encode_prompts(self, prompts):
-        batch = self.tokenizer(prompts, padding="longest", max_length=MAX_TOKENS, truncation=True,
+    def text_features(self, texts):
+        batch = self.tokenizer(texts, padding="longest", max_length=MAX_TOKENS, truncation=True,
                                add_special_tokens=True, return_tensors="pt").to(self.device)
         hidden = self.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         mask = batch.attention_mask.unsqueeze(-1).float()
-        return l2_normalise((hidden.float() * mask).sum(dim=1) / mask.sum(dim=1))  # mean over real tokens only
+        return (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1)  # mean over real tokens only
 
     def denoise(self, latents, class_tokens):
         import torch
@@ -114,7 +115,7 @@ SPEC = AgentSpec(
         "view": 0, "image_size": IMAGE_SIZE, "resize": "bicubic", "vae_input_range": [-1, 1], "vae_dtype": "float32",
         "latent": "posterior mode * scaling_factor", "timestep": 1, "noise": None,
         "text": f"T5 encoder last_hidden_state, mean over non-padding tokens (max {MAX_TOKENS}), L2-normalised",
-        "text_dtype": "bfloat16 when the agent runs in float16", "prompt": "dataset template, not caption-cleaned",
+        "text_dtype": "bfloat16 when the agent runs in float16", "prompt": "the official per-dataset template (DS_TEMPLATE), not caption-cleaned",
         "context": "class vectors through the caption projection, all-ones attention mask",
         "captured": "every transformer block's cross-attention (attn2)",
         "attention": "softmax(q k^T / sqrt(d_head)) over the class tokens, mean over heads",

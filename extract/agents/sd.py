@@ -1,14 +1,16 @@
 """Stable Diffusion v1.4 (text-to-image): cross-attention of the UNet to the class vectors (reference §3.3).
 
-Class vector = CLIP ViT-L/14 text encoder `last_hidden_state` at the EOT token of the class prompt, L2-normalised
-(as the official extractor). Captured layers: the down and up blocks' cross-attention (the official
+Class vector, as the official extractor with `LLM_TEMPLATE: True`: the CLIP ViT-L/14 text encoder's
+`last_hidden_state` at the EOT token of each of the class's Vicuna descriptions, averaged over the descriptions and
+L2-normalised (option conditioning='vicuna', set by `transagent extract`); where no Vicuna descriptions exist, the
+same feature of the class prompt (the official per-dataset template), L2-normalised. Captured layers: the down and up blocks' cross-attention (the official
 `up_cross + down_cross`; the mid block is left out), grouped by resolution.
 """
 from __future__ import annotations
 
 from extract.agents._loading import from_pretrained, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.t2i import T2IAgent, hub_commit, l2_normalise, timesteps
+from extract.families.t2i import T2IAgent, hub_commit, timesteps
 
 HUB_ID = "CompVis/stable-diffusion-v1-4"
 REVISION = "133a221b8aa7292a167afc5127cb63fb5005638b"
@@ -36,6 +38,8 @@ TINY_CONFIG = {
 
 
 class StableDiffusion(T2IAgent):
+    conditionings = ("template", "vicuna")
+
     def __init__(self, *, unet, vae, text_encoder, tokenizer, image_size: int, device: str,
                  resolved_revision: str | None = None):
         self.text_encoder = text_encoder.eval().requires_grad_(False)
@@ -44,14 +48,14 @@ class StableDiffusion(T2IAgent):
                          resolutions=unet_attention_sizes(unet, vae, image_size, CAPTURE),
                          resolved_revision=resolved_revision)
 
-    def encode_prompts(self, prompts):
+    def text_features(self, texts):
         import torch
 
-        batch = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+        batch = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                truncation=True, return_tensors="pt").to(self.device)
         hidden = self.text_encoder(input_ids=batch.input_ids).last_hidden_state  # after the final LayerNorm
         eot = (batch.input_ids == self.tokenizer.eos_token_id).int().argmax(dim=1)  # first EOT token
-        return l2_normalise(hidden[torch.arange(len(prompts), device=hidden.device), eot])
+        return hidden[torch.arange(len(texts), device=hidden.device), eot].float()
 
     def denoise(self, latents, class_tokens):
         batch_size = latents.shape[0]
@@ -121,7 +125,10 @@ SPEC = AgentSpec(
     preprocessing={
         "view": 0, "image_size": IMAGE_SIZE, "resize": "bicubic", "vae_input_range": [-1, 1], "vae_dtype": "float32",
         "latent": "posterior mode * scaling_factor", "timestep": 1, "noise": None,
-        "text": "CLIP last_hidden_state at the first EOT token, L2-normalised", "prompt": "dataset template",
+        "text": "CLIP last_hidden_state at the first EOT token (77 tokens, truncated), per class the mean over its "
+                "texts, L2-normalised",
+        "prompt": "per family option 'conditioning': the class's Vicuna descriptions (official LLM_TEMPLATE: True) "
+                  "or the official per-dataset template",
         "captured": "down and up blocks' cross-attention (attn2), mid block excluded",
         "attention": "softmax(q k^T / sqrt(d_head)) over the class tokens, mean over heads",
         "score": "per resolution: mean map over layers, logsumexp over positions; smallest resolution first",

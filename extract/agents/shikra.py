@@ -105,7 +105,7 @@ SPEC = AgentSpec(
         "vision_layer": VISION_LAYER,
         "image": "CLIP ViT-L/14 hidden state at vision_layer, patch tokens -> mm_projector -> mean, L2-normalised",
         "text": "LLaMA last hidden state, mean over non-padding tokens (right padding), L2-normalised",
-        "prompt": "dataset template", "score": "cosine",
+        "prompt": "the official per-dataset template (DS_TEMPLATE)", "score": "cosine",
     },
     emits=("scores", "image_features"),
     load=load,

@@ -69,8 +69,8 @@ def read_descriptions(path, classnames: list[str]) -> dict[str, list[str]]:
     """A CuPL/ProText-style JSON file {classname: [description, ...]} -> the descriptions of `classnames`."""
     if path is None:
         raise ValueError("this agent needs a descriptions JSON file {classname: [description, ...]} (e.g. the "
-                         "ProText/CuPL GPT-3 descriptions): pass --descriptions AGENT=FILE or put it at "
-                         "<dataset>/descriptions/<agent>.json")
+                         "ProText/CuPL GPT-3 descriptions): `transagent datasets prepare` fetches the official "
+                         "ones to <dataset>/descriptions/<agent>.json, or pass --descriptions AGENT=FILE")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"descriptions file not found: {path}")

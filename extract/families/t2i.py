@@ -8,12 +8,21 @@ Maps are averaged within each spatial resolution and reduced by LogSumExp over s
 image, smallest resolution first (SD at 512 px: 16², 32², 64² latent positions; PixArt: its one 32² grid).
 Self-attention maps are never kept (reference §10 row 20).
 
+Class vector: by default the agent's text feature of the class prompt (`ctx.template`, the official per-dataset
+template). With option conditioning='vicuna' (SD, as the official `LLM_TEMPLATE: True`) it is the per-class mean of
+the text features of the class's Vicuna descriptions, L2-normalised; the descriptions come from option
+'descriptions' (a file; or, when Vicuna generated them, the vicuna cache's descriptions.json, whose fingerprint is
+given as option 'vicuna_cache' and chained into this one).
+
 The softmax runs over the class set in the context, so the scores depend on that set: the class names, the class
-set's name and the prompt template are part of the fingerprint, and each class set (base, all) has its own cache.
+set's name and the conditioning text (template, or descriptions) are part of the fingerprint, and each class set
+(base, all) has its own cache.
 
 Heavy imports (torch, diffusers) stay inside functions: the agent registry imports this module at CLI start-up.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +30,8 @@ from cache_schema.arrays import ArraySpec
 from cache_schema.views import IMAGE_DECODING_VERSION, apply_view, load_rgb, view_params
 
 TEXT_BATCH = 64  # prompts per text-encoder forward (ImageNet has 1000 classes)
+CONDITIONINGS = ("template", "vicuna")
+OPTIONS = ("conditioning", "descriptions", "vicuna_cache")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -37,8 +48,50 @@ def arrays(runtime, ctx) -> dict[str, ArraySpec]:
 
 def fingerprint_fields(ctx) -> dict:
     # The scores softmax over the class set, so the set itself changes every number.
-    return {"classnames": list(ctx.classnames), "class_set": ctx.class_set, "template": ctx.template, "view": 0,
-            "image_decoding": IMAGE_DECODING_VERSION}
+    fields = {"classnames": list(ctx.classnames), "class_set": ctx.class_set, "view": 0,
+              "image_decoding": IMAGE_DECODING_VERSION}
+    conditioning = conditioning_of(ctx)
+    if conditioning == "template":
+        return {**fields, "template": ctx.template}
+    if "vicuna_cache" in ctx.options:  # generated descriptions: not written yet when this is planned
+        return {**fields, "conditioning": conditioning, "vicuna_cache": ctx.options["vicuna_cache"]}
+    from extract.families.language import file_sha256
+
+    return {**fields, "conditioning": conditioning,
+            "descriptions_sha256": file_sha256(Path(ctx.options["descriptions"]))}
+
+
+def conditioning_of(ctx) -> str:
+    """'template' or 'vicuna' (see the module docstring), with the options that go with it checked."""
+    unknown = sorted(set(ctx.options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"t2i: unknown option(s) {unknown}; allowed: {list(OPTIONS)}")
+    conditioning = ctx.options.get("conditioning", "template")
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"t2i option 'conditioning' must be one of {CONDITIONINGS}, got {conditioning!r}")
+    if conditioning == "vicuna" and "descriptions" not in ctx.options:
+        raise ValueError("t2i conditioning 'vicuna' needs option 'descriptions' (the vicuna descriptions file)")
+    if conditioning == "template" and {"descriptions", "vicuna_cache"} & set(ctx.options):
+        raise ValueError("t2i options 'descriptions' and 'vicuna_cache' belong to conditioning 'vicuna'")
+    return conditioning
+
+
+def class_texts(runtime, ctx) -> list[list[str]]:
+    """Per class, the texts whose mean feature is its class vector: the prompt, or its Vicuna descriptions."""
+    conditioning = conditioning_of(ctx)
+    if conditioning not in runtime.conditionings:
+        raise ValueError(f"this agent conditions on {list(runtime.conditionings)}, not {conditioning!r}")
+    if conditioning == "template":
+        return [[prompt] for prompt in class_prompts(ctx.template, ctx.classnames)]
+    from extract.families.language import read_descriptions
+
+    path = Path(ctx.options["descriptions"])
+    if "vicuna_cache" in ctx.options and not path.is_file():
+        raise FileNotFoundError(f"{path}: the descriptions vicuna generated are not there; extract vicuna first "
+                                f"(`transagent extract` runs it before sd), or condition on the template with "
+                                f"--agent-option sd:conditioning=template")
+    descriptions = read_descriptions(path, list(ctx.classnames))
+    return [descriptions[name] for name in ctx.classnames]
 
 
 def extra_files(runtime, ctx) -> dict[str, bytes]:
@@ -50,7 +103,7 @@ def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
     keys = [key for key, _ in rows]
     if any(view != 0 for _, view in rows):
         raise ValueError(f"t2i agents only compute view 0, got rows {[r for r in rows if r[1] != 0][:3]}")
-    class_tokens = runtime.class_tokens(class_prompts(ctx.template, ctx.classnames))
+    class_tokens = runtime.class_tokens(class_texts(runtime, ctx))
     pixels = view0_pixels(ctx, keys, runtime.image_size)
     return {"scores": runtime.scores(pixels, class_tokens).cpu().numpy().astype(np.float32)}
 
@@ -173,12 +226,14 @@ def install_capture(denoiser, prefixes: tuple[str, ...], store: AttentionStore) 
 # Runtime
 
 class T2IAgent:
-    """What `compute` needs from a loaded T2I agent. Subclasses encode prompts and call their denoiser once.
+    """What `compute` needs from a loaded T2I agent. Subclasses encode texts and call their denoiser once.
 
     vae, denoiser: diffusers AutoencoderKL and the conditional denoiser; image_size: pixels fed to the VAE;
     resolutions: the spatial sizes (HW) of the captured maps; capture_prefixes: which cross-attention layers count;
     resolved_revision: the hub commit the weights came from (recorded in the manifest), None for tiny/local.
     """
+
+    conditionings: tuple[str, ...] = ("template",)   # what its class vectors may be made of (see conditioning_of)
 
     def __init__(self, *, vae, denoiser, image_size: int, resolutions: tuple[int, ...],
                  capture_prefixes: tuple[str, ...], device: str, resolved_revision: str | None = None):
@@ -192,25 +247,31 @@ class T2IAgent:
         self.captured_layers = install_capture(self.denoiser, capture_prefixes, self.store)
         self._class_tokens: dict[tuple[str, ...], object] = {}
 
-    def encode_prompts(self, prompts: list[str]):
-        """[C, d] L2-normalised class vectors."""
+    def text_features(self, texts: list[str]):
+        """[N, d] float32 text features, not normalised (the class vector is normalise(mean over its texts))."""
         raise NotImplementedError
 
     def denoise(self, latents, class_tokens) -> None:
         """One denoiser forward at t = 1 on `latents` [B, 4, h, w] with the class vectors as context tokens."""
         raise NotImplementedError
 
-    def class_tokens(self, prompts: list[str]):
-        """[C, d] class vectors in the denoiser's dtype, computed once per class set."""
-        key = tuple(prompts)
-        if key not in self._class_tokens:
+    def class_tokens(self, class_texts: list):
+        """[C, d] class vectors in the denoiser's dtype, computed once per class set. Item c is class c's prompt or
+        its list of texts (e.g. descriptions): vector c = normalise(mean of the texts' features)."""
+        groups = tuple((texts,) if isinstance(texts, str) else tuple(texts) for texts in class_texts)
+        if groups not in self._class_tokens:
             import torch
 
+            if not all(groups):
+                raise ValueError("every class needs at least one text")
+            flat = [text for texts in groups for text in texts]
             with torch.no_grad():
-                chunks = [self.encode_prompts(list(prompts[i:i + TEXT_BATCH]))
-                          for i in range(0, len(prompts), TEXT_BATCH)]
-            self._class_tokens[key] = torch.cat(chunks).to(self.denoiser.dtype)
-        return self._class_tokens[key]
+                features = torch.cat([self.text_features(flat[i:i + TEXT_BATCH]).float()
+                                      for i in range(0, len(flat), TEXT_BATCH)])
+            bounds = np.cumsum([0] + [len(texts) for texts in groups])
+            means = torch.stack([features[start:end].mean(dim=0) for start, end in zip(bounds[:-1], bounds[1:])])
+            self._class_tokens[groups] = l2_normalise(means).to(self.denoiser.dtype)
+        return self._class_tokens[groups]
 
     def latents(self, pixels):
         """VAE posterior mode × scaling factor, for pixels in [-1, 1]."""

@@ -36,7 +36,8 @@ def ls(data_root):
 @click.argument("name")
 @opt.data_root
 @click.option("--download/--no-download", default=True, show_default=True,
-              help="Fetch files that have a stable checksummed URL (EuroSAT images).")
+              help="Fetch what has a stable URL: EuroSAT's images, CoOp's split files (Google Drive, through "
+                   "gdown), the official TransAgent description files; `$TRANSAGENT_REGISTRY` may point elsewhere.")
 def prepare(name, data_root, download):
     """Download, convert or generate NAME and verify it against its split file."""
     from pipelines.datasets import DatasetError, prepare as prepare_dataset
@@ -50,6 +51,10 @@ def prepare(name, data_root, download):
     click.echo(f"split {ds.split_path.name} sha256 {ds.split_hash}")
     click.echo(f"template {ds.template!r}; classes {', '.join(ds.classnames[:5])}"
                + (", ..." if ds.num_classes > 5 else ""))
+    for agent in ("gpt3", "vicuna"):
+        path = ds.root / "descriptions" / f"{agent}.json"
+        if path.is_file():
+            click.echo(f"{agent} descriptions {path}")
 
 
 @datasets.command()

@@ -64,7 +64,11 @@ def _positive_bytes(ctx, param, value):
 @click.option("--agent-path", "agent_paths", multiple=True, callback=opt.parse_agent_pairs,
               help="AGENT=PATH: load an agent from a local directory (required for vitdet and shikra).")
 @click.option("--descriptions", "descriptions", multiple=True, callback=opt.parse_agent_pairs,
-              help="AGENT=FILE: class descriptions JSON for a language agent (e.g. gpt3=gpt3_eurosat.json).")
+              help="AGENT=FILE: class descriptions JSON for gpt3 or vicuna, instead of the official file that "
+                   "`datasets prepare` fetches (e.g. gpt3=gpt3_eurosat.json).")
+@click.option("--agent-option", "agent_settings", multiple=True, callback=opt.parse_agent_settings,
+              help="AGENT:KEY=VALUE, e.g. vicuna:descriptions=generate, sd:conditioning=template, "
+                   "pixart:template=coop (README, Agents).")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
               help="JSON-lines log (default: <cache-root>/<dataset>/extract.jsonl).")
 @click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
@@ -74,7 +78,7 @@ def _positive_bytes(ctx, param, value):
 @opt.wait
 def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views,
             view_seed, layers, token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions,
-            log_path, on_error, dry_run, wait):
+            agent_settings, log_path, on_error, dry_run, wait):
     """Stage 1: run each agent once and cache what it knows."""
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
     from pipelines.datasets import DatasetError, dataset_slug
@@ -86,13 +90,15 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
         dataset=dataset, dataset_name=dataset_name, data_root=data_root, cache_root=cache_root, preset=preset,
         agents=agents, protocols=protocols, shots=shots, seeds=tuple(seeds), views=views, view_seed=view_seed,
         layers=layers, token_pool=int(token_pool), dtype=dtype, batch_size=batch_size, device=device, backend=backend,
-        agent_paths=agent_paths, agent_options={name: {"descriptions": path} for name, path in descriptions.items()})
+        agent_paths=agent_paths, agent_options={name: {"descriptions": path} for name, path in descriptions.items()},
+        agent_settings=agent_settings)
+    say = click.echo if rank == 0 else (lambda *a, **k: None)
     try:
-        jobs = build_jobs(options)
+        ready = _prepare_dataset(options, world_size, download=not dry_run, echo=say)
+        jobs = build_jobs(options, ready, echo=say)
     except (ValueError, OSError, KeyError, DatasetError) as error:
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
     todo = [job for job in jobs if not is_complete(job, cache_root)]
-    say = click.echo if rank == 0 else (lambda *a, **k: None)
     log_path = log_path or Path(cache_root) / dataset_slug(dataset, dataset_name) / "extract.jsonl"
     if todo and not dry_run:  # before any image is read or model loaded
         device = opt.check_device(_resolve_device(device) if device == "auto" else device)
@@ -158,6 +164,25 @@ def _refuse_locked_caches(jobs, cache_root) -> None:
             if (holder := current_holder(path)) is not None]
     if held:
         raise click.ClickException("\n".join(locked_message(path, holder) for path, holder in held))
+
+
+def _prepare_dataset(options, world_size: int, download: bool, echo):
+    """Fetch what the dataset and the selected agents' texts need (images, split file, official descriptions) before
+    planning; under torchrun the ranks only read (`make extract` prepares before it starts them)."""
+    from extract.agents import registry
+    from pipelines.datasets import get_info, prepare
+    from pipelines.datasets.preparation import missing_downloads
+    from pipelines.presets import resolve_agents
+    from pipelines.texts import needed_descriptions
+
+    info = get_info(options.dataset)
+    files = {name: given["descriptions"] for name, given in options.agent_options.items()}
+    wanted = needed_descriptions(resolve_agents(options.agents, tuple(registry())), files, options.agent_settings)
+    if world_size > 1 or (info.split_path(options.data_root).exists()
+                          and not missing_downloads(info, options.data_root, wanted)):
+        return None
+    return prepare(options.dataset, options.data_root, download=download, verify=False, descriptions=wanted,
+                   echo=echo)
 
 
 def _destroy_process_group(world_size: int) -> None:

@@ -11,13 +11,14 @@ from pipelines.datasets.fewshot import (FewShot, draw_fewshot, fewshot_keys, few
                                         subsample_classes)
 from pipelines.datasets.folder import make_folder_split
 from pipelines.datasets.preparation import dataset_status, prepare
-from pipelines.datasets.registry import (DATASETS, DatasetInfo, Source, dataset_slug, get_info, instructions,
+from pipelines.datasets.registry import (DATASETS, DatasetInfo, Source, dataset_slug, download_sources, get_info,
+                                         instructions,
                                          known_names)
 from pipelines.datasets.synthetic import make_synthetic
 
 __all__ = [
     "DATASETS", "Dataset", "DatasetError", "DatasetInfo", "FewShot", "Sample", "Source", "dataset_slug",
-    "dataset_status", "draw_fewshot", "fewshot_keys", "fewshot_path", "fewshot_selection", "get_info",
-    "instructions", "known_names", "load_dataset", "make_folder_split", "make_synthetic", "missing_images", "prepare",
-    "subsample_classes", "unreadable_images",
+    "dataset_status", "download_sources", "draw_fewshot", "fewshot_keys", "fewshot_path", "fewshot_selection",
+    "get_info", "instructions", "known_names", "load_dataset", "make_folder_split", "make_synthetic", "missing_images",
+    "prepare", "subsample_classes", "unreadable_images",
 ]
