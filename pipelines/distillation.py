@@ -267,6 +267,10 @@ def evaluate_run(run_dir, dataset_name: str | None, data_root, device: str = "cp
                                 "distill`") from None
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{config_path}: not a run configuration ({type(error).__name__}: {error})") from None
+    # The run's own dataset: as it was given to distill (runs from before `dataset_spec` stored the name itself)
+    name = dataset_name or config.get("dataset_spec") or fields["dataset"]
+    dataset = load_dataset(name, data_root)
+    slug = fields["dataset"] if dataset_name is None else dataset_slug(dataset_name)
     checkpoint = checkpoints.find(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint ({checkpoints.FILE})")
@@ -275,10 +279,6 @@ def evaluate_run(run_dir, dataset_name: str | None, data_root, device: str = "cp
         from pipelines.presets import register_model_configs
 
         register_model_configs()
-    # The run's own dataset: as it was given to distill (runs from before `dataset_spec` stored the name itself)
-    name = dataset_name or config.get("dataset_spec") or fields["dataset"]
-    dataset = load_dataset(name, data_root)
-    slug = fields["dataset"] if dataset_name is None else dataset_slug(dataset_name)
     student = build_student(fields["student_model"], fields["student_pretrained"], fields["prompt_depth"],
                             fields["n_ctx"], fields["ctx_init"], None, device, fields["template"])
     student.load_prompt_state_dict(state["prompts"])

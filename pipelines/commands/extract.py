@@ -102,7 +102,6 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
     log_path = log_path or Path(cache_root) / dataset_slug(dataset, dataset_name) / "extract.jsonl"
     if todo and not dry_run:  # before any image is read or model loaded
         device = opt.check_device(_resolve_device(device) if device == "auto" else device)
-        opt.require_writable(cache_root, "--cache-root")
     bad = unreadable_images(todo)
     if bad:
         listed = "\n".join(f"  {key}: {reason}" for key, reason in list(bad.items())[:MAX_LISTED])
@@ -115,6 +114,7 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
             raise click.ClickException(f"none of the images needed for extraction can be read:\n{listed}")
         say(f"skipping {len(bad)} unreadable image(s) (--on-error skip):\n{listed}")
         if rank == 0 and not dry_run:
+            opt.require_writable(cache_root, "--cache-root")
             log(log_path, {"event": "skipped_images", "count": len(bad), "images": bad}, rank)
         todo = [job for job in todo if not is_complete(job, cache_root)]
     sizes = estimate_bytes(todo)
@@ -131,6 +131,7 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
             "scale), or raise --max-bytes")
     if dry_run or not todo:
         return
+    opt.require_writable(cache_root, "--cache-root")  # before any model loads
     if not wait:
         _refuse_locked_caches(todo, cache_root)
     for job in todo:

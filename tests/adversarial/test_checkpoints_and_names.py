@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -121,15 +122,14 @@ def test_checkpoints_are_safetensors_not_pickles_and_old_tensor_pickles_still_ev
     with safe_open(str(lab["run"] / CHECKPOINT), framework="pt") as handle:
         assert handle.metadata()["format"] == checkpoints.FORMAT
         assert any(name.startswith("prompts/") for name in handle.keys())
-    # a checkpoint.pt written by an earlier version (tensors + numpy RNG state) loads without running code
-    run = tmp_path / "old-run"
-    shutil.copytree(lab["run"], run)
-    torch.save(checkpoints.load(run / CHECKPOINT), run / LEGACY_CHECKPOINT)
-    (run / CHECKPOINT).unlink()
-    evaluated = invoke("evaluate", run, "--device", "cpu")
-    assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads((run / "eval-folder-lab.json").read_text())["accuracy"] == \
-        json.loads((run / "final.json").read_text())["accuracy"]
+    # a checkpoint.pt written by an earlier version (tensors + numpy RNG state) still loads, without running code
+    state = checkpoints.load(lab["run"] / CHECKPOINT)
+    torch.save(state, tmp_path / LEGACY_CHECKPOINT)
+    legacy = checkpoints.load(tmp_path / LEGACY_CHECKPOINT)
+    for part in ("prompts", "gates"):
+        assert legacy[part].keys() == state[part].keys()
+        assert all(torch.equal(legacy[part][name], state[part][name]) for name in state[part])
+    assert np.array_equal(legacy["rng"]["numpy"][1], state["rng"]["numpy"][1])
 
 
 def test_a_damaged_safetensors_checkpoint_is_one_line_naming_the_file(lab, tmp_path):
