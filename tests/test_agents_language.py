@@ -19,7 +19,8 @@ DESCRIPTIONS = {  # keys as description files spell them: case and '_' differ fr
     "Herbaceous Vegetation Land": ["Wild grass and shrubs.", "Low green plants.", "A meadow seen from above."],
     "Forest": ["Dense trees."],
 }
-QUICK = {"questions": ["What does {} look like?", "A description of an image of {}:"], "generations": 2}
+QUICK = {"questions": ["What does {} look like?", "A description of an image of {}:"], "generations": 2,
+         "max_new_tokens": 6}
 _tiny = student_spec("tiny")
 STUDENT = StudentInfo(_tiny.model, _tiny.pretrained, _tiny.image_size, _tiny.patch_size, _tiny.width, _tiny.layers)
 

@@ -209,6 +209,7 @@ def test_fingerprint_names_class_set_classnames_and_template(image_root):
     ctx = context(image_root)
     fields = t2i.fingerprint_fields(ctx)
     assert fields["classnames"] == CLASSNAMES and fields["class_set"] == "all" and fields["template"] == TEMPLATE
+    assert fields["conditioning"] == "template"   # which text the class vectors were made of
     assert t2i.fingerprint_fields(context(image_root, class_set="base")) != fields
     assert t2i.fingerprint_fields(context(image_root, template="a photo of a {}.")) != fields
     assert t2i.fingerprint_fields(context(image_root, CLASSNAMES[::-1])) != fields

@@ -52,7 +52,7 @@ def fingerprint_fields(ctx) -> dict:
               "image_decoding": IMAGE_DECODING_VERSION}
     conditioning = conditioning_of(ctx)
     if conditioning == "template":
-        return {**fields, "template": ctx.template}
+        return {**fields, "conditioning": conditioning, "template": ctx.template}
     if "vicuna_cache" in ctx.options:  # generated descriptions: not written yet when this is planned
         return {**fields, "conditioning": conditioning, "vicuna_cache": ctx.options["vicuna_cache"]}
     from extract.families.language import file_sha256
