@@ -67,6 +67,7 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
             token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, on_error,
             dry_run):
     """Stage 1: run each agent once and cache what it knows."""
+    from cache_schema import CacheError
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
     from pipelines.datasets import DatasetError
     from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
@@ -82,7 +83,10 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
         jobs = build_jobs(options)
     except (ValueError, OSError, KeyError, DatasetError) as error:
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
-    todo = [job for job in jobs if not is_complete(job, cache_root)]
+    try:
+        todo = [job for job in jobs if not is_complete(job, cache_root)]
+    except CacheError as error:
+        raise click.ClickException(str(error))
     say = click.echo if rank == 0 else (lambda *a, **k: None)
     log_path = log_path or Path(cache_root) / dataset / "extract.jsonl"
     bad = unreadable_images(todo)
