@@ -141,7 +141,8 @@ def pack_cache(cache_dir, out) -> PackInfo:
     a mismatch aborts and leaves no pack behind."""
     cache_dir, out = Path(cache_dir), Path(out)
     if out.is_dir():
-        raise CacheError(f"{out} is a directory; a pack is written to a file (e.g. {out / (cache_dir.name + PACK_EXT)})")
+        raise CacheError(f"{out} is a directory; a pack is written to a file, e.g. "
+                         f"{out / (cache_dir.name + PACK_EXT)}")
     manifest = _complete_manifest(cache_dir)
     fp = cache_dir.name
     checksums = manifest["checksums"]
