@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
+from cache_schema.errors import CorruptCacheError
 
 BACKENDS = ("zarr", "hdf5")
 
@@ -53,15 +54,61 @@ def zarr_chunk_path(path: Path, array_name: str, row: int, spec: ArraySpec) -> P
     return path / array_name / "c" / str(row) / Path(*(["0"] * len(spec.row_shape)))
 
 
-def hdf5_offsets(path: Path, arrays: dict[str, ArraySpec]) -> dict[str, int]:
+def zarr_metadata_problem(metadata, spec: ArraySpec, rows: int) -> str | None:
+    """How a zarr array's own metadata (zarr.json) disagrees with the manifest's spec (None: it agrees). The chunk
+    files are read as raw rows, so anything but uncompressed little-endian chunks of one row is a mismatch too."""
+    def get(*keys):
+        value = metadata
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    shape, dtype = get("shape"), get("data_type")
+    if shape != [rows, *spec.row_shape] or dtype != spec.dtype:
+        return (f"the array is {dtype} of shape {shape}, the manifest says {spec.dtype} of shape "
+                f"{[rows, *spec.row_shape]}")
+    codecs = get("codecs")
+    layout_ok = (get("chunk_grid", "configuration", "chunk_shape") == [1, *spec.row_shape] and
+                 get("chunk_key_encoding", "name") == "default" and
+                 get("chunk_key_encoding", "configuration", "separator") in (None, "/") and
+                 isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict) and
+                 codecs[0].get("name") == "bytes" and
+                 (codecs[0].get("configuration") or {}).get("endian", "little") == "little")
+    if not layout_ok:
+        return "its chunks are not uncompressed little-endian rows, one per chunk"
+    return None
+
+
+def hdf5_offsets(path: Path, arrays: dict[str, ArraySpec], rows: int | None = None) -> dict[str, int]:
+    """Byte offset of each contiguous dataset, after checking the segment is a readable HDF5 file whose datasets
+    have the manifest's dtype and row shape (and `rows` rows) and lie inside the file."""
     import h5py
 
-    with h5py.File(path, "r") as handle:
-        offsets = {name: handle[name].id.get_offset() for name in arrays}
-    missing = [name for name, offset in offsets.items() if offset is None]
+    offsets = {}
+    try:
+        with h5py.File(path, "r") as handle:
+            for name, spec in arrays.items():
+                if not isinstance(handle.get(name), h5py.Dataset):
+                    raise CorruptCacheError(f"{path}: no dataset {name!r}; the segment is damaged")
+                dataset = handle[name]
+                expected = (dataset.shape[0] if rows is None and dataset.shape else rows, *spec.row_shape)
+                if dataset.dtype != spec.numpy_dtype or dataset.shape != expected:
+                    raise CorruptCacheError(f"{path}: dataset {name!r} is {dataset.dtype} of shape {dataset.shape}, "
+                                            f"the manifest says {spec.dtype} of shape {expected}; the manifest or "
+                                            "the segment was edited")
+                offsets[name] = (dataset.id.get_offset(), dataset.shape[0] * spec.row_bytes)
+    except OSError as error:  # h5py: "file signature not found", "truncated file", ...
+        raise CorruptCacheError(f"{path}: not a readable HDF5 segment ({error}); the cache is damaged: pull it "
+                                "again or re-extract") from None
+    missing = [name for name, (offset, _) in offsets.items() if offset is None]
     if missing:
-        raise OSError(f"{path}: datasets {missing} have no contiguous storage; the segment is damaged")
-    return offsets
+        raise CorruptCacheError(f"{path}: datasets {missing} have no contiguous storage; the segment is damaged")
+    size = path.stat().st_size
+    short = [name for name, (offset, length) in offsets.items() if offset + length > size]
+    if short:
+        raise CorruptCacheError(f"{path}: datasets {short} end beyond the file's {size} bytes (truncated?); "
+                                "the segment is damaged")
+    return {name: offset for name, (offset, _) in offsets.items()}
 
 
 class RowWriter:
@@ -109,7 +156,7 @@ class RowSource:
         self.path, self.arrays, self.backend, self.rows = path, arrays, backend, rows
         self._maps = {}
         if backend == "hdf5" and rows:
-            offsets = hdf5_offsets(path, arrays)
+            offsets = hdf5_offsets(path, arrays, rows)
             for name, spec in arrays.items():
                 self._maps[name] = np.memmap(path, dtype=spec.numpy_dtype, mode="r", offset=offsets[name],
                                              shape=(rows, *spec.row_shape))
@@ -125,9 +172,15 @@ class RowSource:
             target = out[i] if out[i].flags.c_contiguous else np.empty(spec.row_shape, spec.numpy_dtype)
             with open(zarr_chunk_path(self.path, name, int(row), spec), "rb", buffering=0) as handle:
                 if handle.readinto(memoryview(target).cast("B")) != spec.row_bytes:
-                    raise OSError(f"{handle.name}: shorter than one row ({spec.row_bytes} bytes); the cache is damaged")
+                    raise CorruptCacheError(f"{handle.name}: shorter than one row ({spec.row_bytes} bytes); the cache "
+                                            "is damaged")
             if target is not out[i]:
                 out[i] = target
+
+    def row_bytes(self, name: str, row: int) -> bytes:
+        out = np.empty((1, *self.arrays[name].row_shape), dtype=self.arrays[name].numpy_dtype)
+        self.read(name, np.array([row]), out)
+        return out.tobytes()
 
     def read_all(self, name: str) -> np.ndarray:
         spec = self.arrays[name]

@@ -4,9 +4,11 @@ A pack is one uncompressed tar per agent cache, members named `<fingerprint>/...
 (manifest first, then every other path sorted; mtime 0, uid/gid 0, fixed modes), so two packs of the same cache are
 byte-identical and a pack's sha256 names its content. Nothing in a cache or a pack is ever a pickle.
 
-Installing a pack (`install_pack`) unpacks into `<cache_root>/.incoming/`, refuses links and paths that leave the
-pack, checks the schema version and every checksum of the manifest, and only then renames the directory to
-`<cache_root>/<dataset>/<agent>/<fingerprint>/`: a damaged pack never becomes visible.
+Installing a pack (`install_pack`) checks every member before unpacking into `<cache_root>/.incoming/` (no links,
+no paths that leave the pack, no sparse files, nothing the manifest does not list, room on the disk), then the
+schema version, the manifest's dataset and agent against its fields, and every checksum, and only then renames the
+directory to `<cache_root>/<dataset>/<agent>/<fingerprint>/`: a damaged pack never becomes visible. What anchors a
+pulled pack is the sha256 in the remote's index; the checksums inside catch accidents and careless edits.
 
 A process that uses a cache holds a lease, `with reading(cache_dir): ...` (a file `.readers/<pid>@<host>-<token>`);
 `gc` never deletes a cache with a live lease. A process that changes a cache (merge, install, gc) holds its writer
@@ -28,15 +30,17 @@ from pathlib import Path, PurePosixPath
 from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, PartialCacheError,
                                  SchemaVersionError)
 from cache_schema.fingerprint import canonical_json, differing_fields, sha256_file
-from cache_schema.lock import WRITER, current_holder, writer_lock
-from cache_schema.store import (FILES, MANIFEST, ROWS, SCHEMA_VERSION, AgentCache, CacheReader, check_schema,
-                                list_caches, read_json, verify)
+from cache_schema.lock import current_holder, writer_lock
+from cache_schema.store import (FILES, MANIFEST, READABLE_SCHEMAS, ROWS, SEGMENTS, AgentCache, CacheReader,
+                                check_manifest, list_caches, parse_json, parse_rows, read_json, read_manifest,
+                                schema_1_allowance, verify)
 
 PACK_EXT = ".tar"
 READERS = ".readers"
 INCOMING = ".incoming"   # pulls in progress: <cache_root>/.incoming/<lease>/... (never matched by list_caches)
 TRASH = ".trash"         # caches being deleted by gc: renamed here first, then removed
 _CHUNK = 1 << 22
+MAX_MANIFEST_BYTES = 1 << 30   # a manifest lists one checksum per file: ~40 MB for 100,000 zarr rows
 
 
 class MergeConflict(CacheError):
@@ -121,28 +125,26 @@ def checksums_digest(manifest: dict) -> str:
     return hashlib.sha256(canonical_json(manifest.get("checksums", {})).encode()).hexdigest()
 
 
-def pack_members(cache_dir) -> list[str]:
-    """Paths (relative, POSIX) that a pack holds: manifest first, then every directory and file sorted,
-    without temporary files, reader leases and the writer lock."""
+def pack_members(cache_dir, manifest: dict) -> list[str]:
+    """Paths (relative, POSIX) that a pack holds: the manifest first, then the files its checksums list (for a
+    schema-1 cache also the unlisted journals and zarr group metadata it has) and their directories, sorted.
+    Nothing else of the directory (leases, the writer lock, temporaries, stray files) is packed."""
     cache_dir = Path(cache_dir)
-    found = []
-    for directory, dirnames, filenames in os.walk(cache_dir):
-        base = Path(directory)
-        dirnames[:] = sorted(d for d in dirnames if not d.endswith(".tmp") and
-                             not (base == cache_dir and d in (READERS, WRITER)))
-        for name in dirnames + filenames:
-            if name.endswith(".tmp"):
-                continue
-            relative = (base / name).relative_to(cache_dir).as_posix()
-            if relative != MANIFEST:
-                found.append(relative)
-    return [MANIFEST] + sorted(found)
+    files = set(manifest["checksums"]) | {f for f in schema_1_allowance(manifest) if (cache_dir / f).is_file()}
+    return [MANIFEST] + sorted(files | _directories_of(files))
+
+
+def _directories_of(files) -> set[str]:
+    return {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
 
 
 def pack_cache(cache_dir, out) -> PackInfo:
     """Write a complete cache as one deterministic tar. Every checksummed file is hashed while it is copied;
     a mismatch aborts and leaves no pack behind."""
     cache_dir, out = Path(cache_dir), Path(out)
+    if out.is_dir():
+        raise CacheError(f"{out} is a directory; a pack is written to a file, e.g. "
+                         f"{out / (cache_dir.name + PACK_EXT)}")
     manifest = _complete_manifest(cache_dir)
     fp = cache_dir.name
     checksums = manifest["checksums"]
@@ -152,8 +154,11 @@ def pack_cache(cache_dir, out) -> PackInfo:
             sink = _HashingWriter(raw)
             with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 tar.addfile(_tar_info(fp, is_dir=True))
-                for relative in pack_members(cache_dir):
+                for relative in pack_members(cache_dir, manifest):
                     path = cache_dir / relative
+                    if not (path.exists() or path.is_symlink()):
+                        raise CorruptCacheError(f"{cache_dir}: {relative} is listed in the manifest but missing; "
+                                                "refusing to pack a damaged cache (`transagent cache verify`)")
                     if path.is_symlink() or not (path.is_file() or path.is_dir()):
                         raise CacheError(f"{path}: a cache holds only plain files and directories")
                     if path.is_dir():
@@ -178,14 +183,13 @@ def _complete_manifest(cache_dir: Path) -> dict:
     manifest_path = cache_dir / MANIFEST
     if not manifest_path.is_file():
         raise CacheError(f"{cache_dir}: no {MANIFEST}; not a cache directory")
-    manifest = read_json(manifest_path)
-    check_schema(manifest, manifest_path)
+    manifest = read_manifest(manifest_path)
     if manifest.get("status") != "complete":
         raise PartialCacheError(f"{cache_dir} is partial; finish it (`transagent extract` with the same options) "
                                 "before packing or merging it")
     if manifest.get("fingerprint") != cache_dir.name:
-        raise CorruptCacheError(f"{cache_dir}: directory name differs from the manifest fingerprint "
-                                f"{manifest.get('fingerprint')}")
+        raise CorruptCacheError(f"{cache_dir}: the directory's name {cache_dir.name} differs from the manifest's "
+                                f"fingerprint {manifest.get('fingerprint')}")
     return manifest
 
 
@@ -231,24 +235,21 @@ class _HashingWriter:
 def unpack(pack_path, destination) -> Path:
     """Extract a pack into `destination` (an empty directory) and return `destination/<fingerprint>`.
 
-    Only plain files and directories under one top-level directory are accepted: absolute names, `..`, links,
-    devices and duplicate members are refused, so a pack can write nowhere else.
+    Every member is checked before a byte is written: only plain files and directories under one top-level
+    directory (absolute names, `..`, links, devices, sparse files and duplicate members are refused), only the
+    manifest and the files its checksums list (for schema 1, also its allowance), no member reaching past the end
+    of the pack, and room for all of it on the disk. So a pack writes nowhere else and at most its own size.
     """
     pack_path, destination = Path(pack_path), Path(destination)
-    top, seen = None, set()
     try:
         with tarfile.open(pack_path, mode="r:") as tar:
-            for member in tar:
-                parts = _member_parts(pack_path, member)
-                if top is None:
-                    top = parts[0]
-                elif parts[0] != top:
-                    raise CorruptCacheError(f"{pack_path}: member {member.name!r} is outside {top}/; "
-                                            "a pack holds exactly one cache")
-                if member.name in seen:
-                    raise CorruptCacheError(f"{pack_path}: member {member.name!r} appears twice")
-                seen.add(member.name)
-                target = destination.joinpath(*parts)
+            members = tar.getmembers()   # headers only
+            top = _check_members(pack_path, members)
+            manifest = _packed_manifest(pack_path, tar, members, top)
+            _check_listed(pack_path, members, manifest)
+            _check_free_space(pack_path, members, destination)
+            for member in members:
+                target = destination.joinpath(*_member_parts(pack_path, member))
                 if member.isdir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -259,9 +260,76 @@ def unpack(pack_path, destination) -> Path:
         raise CorruptCacheError(f"{pack_path}: truncated or not a cache pack ({error})") from None
     except OSError as error:  # e.g. a member that is both a file and a directory, or a full disk
         raise CacheError(f"{pack_path}: cannot unpack into {destination} ({error})") from None
+    return destination / top
+
+
+def _check_members(pack_path: Path, members: list[tarfile.TarInfo]) -> str:
+    """The pack's one top-level directory, after checking every member's type, name and extent."""
+    top, seen = None, set()
+    pack_size = pack_path.stat().st_size
+    for member in members:
+        parts = _member_parts(pack_path, member)
+        if top is None:
+            top = parts[0]
+        elif parts[0] != top:
+            raise CorruptCacheError(f"{pack_path}: member {member.name!r} is outside {top}/; "
+                                    "a pack holds exactly one cache")
+        if parts in seen:
+            raise CorruptCacheError(f"{pack_path}: member {member.name!r} appears twice")
+        seen.add(parts)
+        if member.issparse() or any(key.startswith("GNU.sparse") for key in member.pax_headers):
+            raise CorruptCacheError(f"{pack_path}: member {member.name!r} is a sparse file (it would unpack to more "
+                                    "bytes than the pack holds); refused")
+        if member.isfile() and member.offset_data + member.size > pack_size:
+            raise CorruptCacheError(f"{pack_path}: member {member.name!r} reaches past the end of the pack "
+                                    f"({pack_size} bytes); truncated or not a cache pack")
     if top is None:
         raise CorruptCacheError(f"{pack_path}: empty pack")
-    return destination / top
+    return top
+
+
+def _packed_manifest(pack_path: Path, tar: tarfile.TarFile, members: list[tarfile.TarInfo], top: str) -> dict:
+    where = f"{pack_path}: {top}/{MANIFEST}"
+    member = next((m for m in members if _member_parts(pack_path, m) == (top, MANIFEST)), None)
+    if member is None or not member.isfile():
+        raise CorruptCacheError(f"{pack_path}: no {MANIFEST} inside")
+    if member.size > MAX_MANIFEST_BYTES:
+        raise CorruptCacheError(f"{where} has {member.size} bytes; not a cache manifest")
+    with tar.extractfile(member) as handle:
+        manifest = check_manifest(parse_json(handle.read(), where), where)
+    if manifest["status"] != "complete":
+        raise PartialCacheError(f"{where}: the packed cache is partial; only complete caches are shared")
+    return manifest
+
+
+def _check_listed(pack_path: Path, members: list[tarfile.TarInfo], manifest: dict) -> None:
+    """Refuse any member but the manifest, the files its checksums list (+ a schema-1 cache's allowance) and their
+    directories: an unlisted file would become part of the cache unchecked."""
+    files = set(manifest["checksums"]) | schema_1_allowance(manifest)
+    directories = _directories_of(files) | {"", SEGMENTS, FILES}
+    for member in members:
+        relative = "/".join(_member_parts(pack_path, member)[1:])
+        if not (relative in directories if member.isdir() else relative == MANIFEST or relative in files):
+            raise CorruptCacheError(f"{pack_path}: member {member.name!r} is not listed in the manifest's "
+                                    "checksums; refused")
+
+
+def _check_free_space(pack_path: Path, members: list[tarfile.TarInfo], destination: Path) -> None:
+    needed = sum(member.size for member in members if member.isfile()) + tarfile.BLOCKSIZE * len(members)
+    probe = destination
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise CacheError(f"{pack_path}: unpacking needs {_size(needed)}, {probe} has {_size(free)} free; free space "
+                         "(e.g. `transagent cache gc`) and try again")
+
+
+def _size(size: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
 
 
 def _member_parts(pack_path: Path, member: tarfile.TarInfo) -> tuple[str, ...]:
@@ -288,7 +356,7 @@ def install_pack(pack_path, cache_root, expected: dict | None = None, wait: floa
     """
     pack_path, cache_root = Path(pack_path), Path(cache_root)
     expected = expected or {}
-    if "schema_version" in expected and expected["schema_version"] != SCHEMA_VERSION:
+    if "schema_version" in expected and expected["schema_version"] not in READABLE_SCHEMAS:
         raise _schema_error(pack_path, expected["schema_version"])
     with incoming_dir(cache_root) as scratch:
         if "sha256" in expected:
@@ -301,14 +369,19 @@ def install_pack(pack_path, cache_root, expected: dict | None = None, wait: floa
         manifest_path = unpacked / MANIFEST
         if not manifest_path.is_file():
             raise CorruptCacheError(f"{pack_path}: no {MANIFEST} inside")
-        manifest = read_json(manifest_path)
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise _schema_error(pack_path, manifest.get("schema_version"))
+        manifest = read_manifest(manifest_path)
         for name in ("dataset", "agent", "fingerprint"):
             check_name(pack_path, name, manifest.get(name))
             if name in expected and expected[name] != manifest[name]:
                 raise CorruptCacheError(f"{pack_path}: index.json says {name} {expected[name]!r}, the pack's "
                                         f"manifest says {manifest[name]!r}")
+        for name in ("dataset", "agent"):
+            part = manifest["fields"].get(name)
+            declared = part.get("name") if isinstance(part, dict) else None
+            if declared != manifest[name]:
+                raise CorruptCacheError(f"{pack_path}: the pack's manifest says {name} {manifest[name]!r}, its fields "
+                                        f"(which the fingerprint hashes) say {declared!r}; refused: it would be "
+                                        f"installed under another {name}'s directory")
         problems = verify(unpacked)
         if problems:
             raise CorruptCacheError(f"{pack_path.name}: the unpacked cache fails verification:\n  " +
@@ -327,8 +400,9 @@ def install_pack(pack_path, cache_root, expected: dict | None = None, wait: floa
 
 
 def _schema_error(pack_path: Path, version) -> CacheError:
-    return SchemaVersionError(f"{pack_path.name}: the pack has cache schema version {version}, this code reads "
-                              f"version {SCHEMA_VERSION}; use the release that wrote it, or re-extract")
+    readable = " and ".join(map(str, READABLE_SCHEMAS))
+    return SchemaVersionError(f"{pack_path.name}: the pack has cache schema version {version!r}, this code reads "
+                              f"versions {readable}; use the release that wrote it, or re-extract")
 
 
 def check_name(where, name: str, value) -> None:
@@ -349,12 +423,12 @@ def _diagnose(pack_path: Path, scratch: Path) -> str:
     except CacheError as error:
         return f"; {error}"
     if not problems:
-        return "; its files match the manifest (the manifest or a journal itself was changed)"
+        return "; its files match the manifest (the manifest itself was changed)"
     return ":\n  " + "\n  ".join(_relative_problem(problem, unpacked) for problem in problems)
 
 
 def _compare_existing(target: Path, manifest: dict) -> str:
-    existing = read_json(target / MANIFEST) if (target / MANIFEST).is_file() else {}
+    existing = read_manifest(target / MANIFEST) if (target / MANIFEST).is_file() else {}
     if existing.get("status") != "complete":
         raise PartialCacheError(f"{target} exists but is partial (an extraction is running or was interrupted); "
                                 "finish it, or delete it (`transagent cache gc --apply`), then pull again")
@@ -412,13 +486,13 @@ def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeRes
                 if mine[i].tobytes() != theirs[i].tobytes():
                     raise MergeConflict(f"row (key {row[0]!r}, view {row[1]}) of array {name!r} differs between "
                                         f"{src} and {dst}; refusing to overwrite it")
-    new_files = _new_files(src, dst)
+    new_files = _new_files(src, dst, src_manifest)
     new_rows = [row for row in source.rows if not target.has(row)]
     if not new_rows and not new_files:
         return MergeResult(0, len(shared), [])
     cache = AgentCache(dst, dst_manifest)
     plan = cache.plan(new_rows)
-    cache.create_segments()
+    cache.create_segments(verify_existing=False)   # dst was verified above
     for segment, local_rows in plan[0]:
         with cache.segment_writer(segment) as writer:
             for start in range(0, len(local_rows), batch_rows):
@@ -435,13 +509,13 @@ def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeRes
     return MergeResult(len(new_rows), len(shared), new_files)
 
 
-def _new_files(src: Path, dst: Path) -> list[str]:
-    """Extra files of src that dst lacks; a file both have must be identical."""
+def _new_files(src: Path, dst: Path, src_manifest: dict) -> list[str]:
+    """Extra files of src (those its checksums list: nothing unlisted is adopted) that dst lacks; a file both have
+    must be identical."""
     new = []
-    for path in sorted((src / FILES).rglob("*")) if (src / FILES).is_dir() else []:
-        if not path.is_file() or path.name.endswith(".tmp"):
-            continue
-        relative = path.relative_to(src / FILES).as_posix()
+    for listed in sorted(name for name in src_manifest["checksums"] if name.startswith(f"{FILES}/")):
+        path = src / listed
+        relative = listed[len(FILES) + 1:]
         other = dst / FILES / relative
         if not other.exists():
             new.append(relative)
@@ -470,7 +544,7 @@ def summary(path, manifest: dict) -> dict:
     rows = []
     try:
         if status == "complete":
-            rows = read_json(path / ROWS)
+            rows = parse_rows(read_json(path / ROWS), path / ROWS)
         elif status == "partial":
             rows = sorted(AgentCache(path, manifest).done_rows())
     except (CacheError, OSError, KeyError):

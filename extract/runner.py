@@ -24,7 +24,7 @@ from cache_schema import AgentCache, read_json
 from cache_schema.fingerprint import sha256_file
 from cache_schema.lock import WriterLock, locked_message
 from cache_schema.pack import reading
-from cache_schema.store import MANIFEST, ROWS, cache_dir, with_schema
+from cache_schema.store import MANIFEST, ROWS, cache_dir, parse_rows, read_manifest, with_schema
 from extract.agents.base import AgentSpec, LoadRequest
 from extract.families import ExtractContext
 
@@ -95,11 +95,11 @@ def is_complete(job: AgentJob, cache_root) -> bool:
     path = planned_path(job, cache_root)
     if not (path / MANIFEST).exists() or not (path / ROWS).exists():
         return False
-    manifest = read_json(path / MANIFEST)
+    manifest = read_manifest(path / MANIFEST)   # a damaged manifest is an error naming it, not a traceback
     if manifest.get("status") != "complete" or manifest.get("fields") != json.loads(
             json.dumps(with_schema(cache_fields(job)))):
         return False
-    present = {(key, int(view)) for key, view in read_json(path / ROWS)}
+    present = set(parse_rows(read_json(path / ROWS), path / ROWS))
     return all(row in present for row in needed_rows(job))
 
 

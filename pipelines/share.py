@@ -15,13 +15,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema import CacheError, SCHEMA_VERSION, read_json
+from cache_schema import CacheError
 from cache_schema.pack import (PACK_EXT, Installed, check_name, checksums_digest, incoming_dir, install_pack,
                                pack_cache)
+from cache_schema.store import READABLE_SCHEMAS, SHA256, read_manifest
 
 INDEX = "index.json"
 READ_ONLY_PROTOCOLS = ("http", "https")
 INDEX_FIELDS = ("dataset", "agent", "fingerprint", "rows", "bytes", "sha256", "schema_version")
+INDEX_TYPES = {"dataset": str, "agent": str, "fingerprint": str, "rows": int, "bytes": int, "sha256": str,
+               "schema_version": int, "checksums_sha256": str, "created": dict}
+KIND_NAMES = {str: "a string", int: "an integer", dict: "an object"}
 
 
 class RemoteError(CacheError):
@@ -78,7 +82,32 @@ def _read_index(fs, root: str, url: str, missing_ok: bool) -> list[dict]:
         raise RemoteError(f"{url}/{INDEX} is not valid JSON ({error})") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and set(INDEX_FIELDS) <= set(e) for e in entries):
         raise RemoteError(f"{url}/{INDEX} is not a cache index (a list of {{{', '.join(INDEX_FIELDS)}}})")
+    for number, entry in enumerate(entries):
+        problem = _entry_problem(entry)
+        if problem:
+            raise RemoteError(f"{url}/{INDEX}: entry {number} {problem}; fix or remove that entry")
     return entries
+
+
+def _entry_problem(entry: dict) -> str | None:
+    """What is wrong with one index entry's types and values (None: nothing)."""
+    for name, kind in INDEX_TYPES.items():
+        if name not in entry:
+            continue
+        value = entry[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"has {name} {value!r}, not {KIND_NAMES[kind]}"
+    for name in ("dataset", "agent", "fingerprint"):
+        try:
+            check_name(INDEX, name, entry[name])
+        except CacheError:
+            return f"has {name} {entry[name]!r}, not a directory name"
+    for name in ("rows", "bytes"):
+        if entry[name] < 0:
+            return f"has {name} {entry[name]}"
+    if not SHA256.fullmatch(entry["sha256"]):
+        return f"has sha256 {entry['sha256']!r}, not a sha256 hex digest"
+    return None
 
 
 def _key(entry: dict) -> tuple[str, str, str]:
@@ -97,7 +126,7 @@ def push(cache_dir, url: str, replace: bool = False) -> tuple[dict, str]:
     if protocol in READ_ONLY_PROTOCOLS:
         raise RemoteError(f"{url}: http(s) remotes are read-only; push to file://, s3://, gs:// or ssh:// and serve "
                           "that directory over http")
-    manifest = read_json(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
+    manifest = read_manifest(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
     existing = {_key(e): e for e in _read_index(fs, root, url, missing_ok=True)}
     key = (manifest.get("dataset"), manifest.get("agent"), cache_dir.name)
     if key in existing and manifest.get("status") == "complete":
@@ -175,12 +204,17 @@ def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None, wa
     if entry is not None:
         for field in ("dataset", "agent", "fingerprint"):
             check_name(f"{url}/{INDEX}", field, entry[field])
-        if entry["schema_version"] != SCHEMA_VERSION:
+        if entry["schema_version"] not in READABLE_SCHEMAS:
             raise RemoteError(f"{url}: {'/'.join(_key(entry))} has cache schema version {entry['schema_version']}, "
-                              f"this code reads version {SCHEMA_VERSION}; use the release that wrote it")
+                              f"this code reads versions {' and '.join(map(str, READABLE_SCHEMAS))}; use the "
+                              "release that wrote it")
         local = cache_root.joinpath(*_key(entry))
         if (local / "manifest.json").is_file():   # skip the download when an identical cache is already here
-            manifest = read_json(local / "manifest.json")
+            try:
+                manifest = read_manifest(local / "manifest.json")
+            except CacheError as error:
+                raise CacheError(f"{local} is already there but unusable ({error}); check it with `transagent "
+                                 "cache verify`, and delete it to pull it again") from None
             if manifest.get("status") == "complete" and checksums_digest(manifest) == entry.get("checksums_sha256"):
                 return local, "present"
     with incoming_dir(cache_root) as scratch:

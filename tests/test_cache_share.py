@@ -37,7 +37,7 @@ def row_values(row, salt=0):
 
 
 def write_cache(root, rows, backend="zarr", fields=FIELDS, values=row_values, files=None):
-    cache = AgentCache.open(root, "toyset", "toy", fields, ARRAYS, backend=backend)
+    cache = AgentCache.open(root, fields["dataset"]["name"], fields["agent"]["name"], fields, ARRAYS, backend=backend)
     plan = cache.plan(rows)
     cache.create_segments()
     for name, local in plan[0]:
@@ -130,7 +130,7 @@ def test_push_pull_round_trip(tmp_path, backend):
     pack = tmp_path / "remote" / "toyset" / "toy" / f"{path.name}.tar"
     [listed] = read_index(url)
     assert listed == entry and listed["rows"] == len(rows) and listed["bytes"] == pack.stat().st_size
-    assert listed["schema_version"] == 1 and len(listed["sha256"]) == 64
+    assert listed["schema_version"] == 2 and len(listed["sha256"]) == 64
     assert push(path, url)[1] == "present"
 
     [result] = pull(url, tmp_path / "bob", dataset="toyset", agent="toy", fingerprint=path.name)
@@ -241,11 +241,11 @@ def test_unsafe_members_are_refused(tmp_path, bad):
 def test_pack_of_another_schema_version_is_refused(tmp_path):
     path = write_cache(tmp_path / "c", keys_rows(range(1)))
     manifest = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
-    pack = tmp_path / "v2.tar"
+    (path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 3}))
+    pack = tmp_path / "v3.tar"
     with tarfile.open(pack, "w") as tar:
         tar.add(path, arcname=path.name)
-    with pytest.raises(SchemaVersionError, match="version 2.*version 1"):
+    with pytest.raises(SchemaVersionError, match="version 3.*1 and 2"):
         install_pack(pack, tmp_path / "root")
     assert visible_entries(tmp_path / "root") == []
 

@@ -54,7 +54,8 @@ def ls(cache_root, dataset, agent):
     from pipelines.datasets import dataset_slug
 
     dataset = glob.escape(dataset_slug(dataset)) if dataset else None  # --dataset folder:<dir> is its directory
-    found = [summary(path, manifest) for path, manifest in list_caches(cache_root, dataset, agent)]
+    listed = list_caches(cache_root, dataset, agent)
+    found = [summary(path, manifest) for path, manifest in listed]
     if not found:
         click.echo(f"no caches under {cache_root}")
         return
@@ -62,6 +63,9 @@ def ls(cache_root, dataset, agent):
         row["size"] = _size(row["bytes"])
     click.echo(_table(found, ["dataset", "agent", "fingerprint", "rows", "views", "size", "status", "created_by",
                               "created_at"]))
+    for _, manifest in listed:
+        if "problem" in manifest:
+            click.echo(f"unreadable: {manifest['problem']}")
 
 
 @cache.command()
@@ -90,12 +94,15 @@ def verify(cache_root, paths):
 @_fail_on_cache_errors
 def pack(cache_dir, out):
     """Write a complete cache as one deterministic, uncompressed tar (no pickles)."""
-    from cache_schema import read_json
     from cache_schema.pack import PACK_EXT, pack_cache
+    from cache_schema.store import read_manifest
 
-    if out is None:
-        manifest = read_json(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
-        out = Path(f"{manifest.get('dataset', 'cache')}-{manifest.get('agent', 'agent')}-{cache_dir.name}{PACK_EXT}")
+    manifest = read_manifest(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
+    default = f"{manifest.get('dataset', 'cache')}-{manifest.get('agent', 'agent')}-{cache_dir.name}{PACK_EXT}"
+    if out is not None and out.is_dir():
+        raise click.BadParameter(f"{out} is a directory; give the pack's file name, e.g. {out / default}",
+                                 param_hint="-o/--out")
+    out = out or Path(default)
     opt.require_writable(Path(out).absolute().parent, "-o/--out")
     info = pack_cache(cache_dir, out)
     click.echo(f"{out}  {info.rows} rows  {_size(info.bytes)}  sha256 {info.sha256}")

@@ -80,6 +80,7 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
             view_seed, layers, token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions,
             agent_settings, log_path, on_error, dry_run, wait):
     """Stage 1: run each agent once and cache what it knows."""
+    from cache_schema import CacheError
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
     from pipelines.datasets import DatasetError, dataset_slug
     from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
@@ -98,7 +99,10 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
         jobs = build_jobs(options, ready, echo=say)
     except (ValueError, OSError, KeyError, DatasetError) as error:
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
-    todo = [job for job in jobs if not is_complete(job, cache_root)]
+    try:
+        todo = [job for job in jobs if not is_complete(job, cache_root)]
+    except CacheError as error:
+        raise click.ClickException(str(error))
     log_path = log_path or Path(cache_root) / dataset_slug(dataset, dataset_name) / "extract.jsonl"
     if todo and not dry_run:  # before any image is read or model loaded
         device = opt.check_device(_resolve_device(device) if device == "auto" else device)
