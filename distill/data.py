@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -17,6 +18,22 @@ from cache_schema.views import IMAGE_DECODING_VERSION, load_rgb
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_FAMILIES = ("vision", "t2i", "i2t")  # families whose rows were computed from decoded pixels
+DepthFallback = Callable[[str, dict], "int | None"]   # (agent, manifest) -> the agent's block count, for old caches
+
+
+class VisionLayers(NamedTuple):
+    """What a vision cache holds: the agent's block count and the 0-based agent layers stored, in stored order."""
+
+    depth: int
+    stored: tuple[int, ...]
+
+
+class LayerPair(NamedTuple):
+    """One L_VAC term: an agent layer, its position in the cached tokens, and the student block it is paired with."""
+
+    agent: int
+    stored: int
+    student: int
 
 
 @dataclass
@@ -29,6 +46,7 @@ class TeacherBank:
     relational: dict[str, np.ndarray] = field(default_factory=dict)  # bert: [C, d] in its own space
     multimodal: dict[str, tuple[CacheReader, np.ndarray | None]] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
+    vision_layers: dict[str, VisionLayers] = field(default_factory=dict)
 
     @property
     def agents(self) -> list[str]:
@@ -39,6 +57,32 @@ class TeacherBank:
         for reader in self.vision.values():
             return ViewSpec.from_dict(reader.manifest["fields"]["family"]["view_spec"])
         return None
+
+    def layer_pairs(self, student_depth: int, chosen=None) -> list[LayerPair]:
+        """L_VAC's pairs: each chosen agent layer (default: every stored one) with the student block of the same
+        relative depth (the same block when depths are equal). Every vision agent must store the same layers of
+        the same depth, since one gate fuses them layer by layer."""
+        if not self.vision_layers:
+            if chosen is not None:
+                raise ValueError(f"--layers {_layer_list(chosen)}: no vision agent in this run to distil layers from")
+            return []
+        from distill.losses import student_block_for
+
+        layouts = set(self.vision_layers.values())
+        if len(layouts) > 1:
+            described = "; ".join(f"{name}: depth {v.depth}, layers {list(v.stored)}"
+                                  for name, v in self.vision_layers.items())
+            raise ValueError(f"the vision caches store different agent layers ({described}); extract them with the "
+                             "same --layers or distil them in separate runs")
+        depth, stored = layouts.pop()
+        chosen = sorted(stored) if chosen is None else sorted({int(layer) for layer in chosen})
+        outside = [layer for layer in chosen if layer not in stored]
+        if outside or not chosen:
+            raise ValueError(f"--layers {_layer_list(chosen)}: the vision caches store agent layers "
+                             f"{_layer_list(sorted(stored))} (of {depth}); choose among them or re-extract with "
+                             f"--layers {_layer_list(chosen)}")
+        return [LayerPair(layer, stored.index(layer), student_block_for(layer, depth, student_depth))
+                for layer in chosen]
 
     # ------------------------------------------------------------------ checks
     def check_rows(self, keys: list[str], views: int, hint: str = "", skipped_hint: str = "") -> None:
@@ -104,11 +148,12 @@ class TeacherBank:
 
 def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], classnames: list[str],
                   class_set: str, pins: dict[str, str] | None = None, hint: str = "",
-                  dataset_fields: dict | None = None) -> TeacherBank:
+                  dataset_fields: dict | None = None, depth_fallback: DepthFallback | None = None) -> TeacherBank:
     """Find and open the cache of every agent, checking it belongs to this dataset, split and class set.
 
     `dataset` is the caches' directory name; `dataset_fields` the dataset's identity in their fingerprints
-    (default: that name and the split hash)."""
+    (default: that name and the split hash). `depth_fallback` gives the agent's block count for vision caches that
+    predate recording it and store a subset of the layers (the caller knows the agent registry; stage 2 does not)."""
     pins = pins or {}
     bank = TeacherBank(list(classnames))
     for name in agents:
@@ -121,6 +166,7 @@ def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], 
         bank.paths[name] = str(path)
         if family == "vision":
             bank.vision[name] = reader
+            bank.vision_layers[name] = stored_vision_layers(name, reader.manifest, depth_fallback)
         elif family == "language":
             features = reader.read("class_features", [(c, 0) for c in _check_classes(name, classnames, reader)])
             target = bank.relational if _own_space(reader) else bank.language
@@ -137,6 +183,62 @@ def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], 
         else:
             raise ValueError(f"agent {name!r}: unknown family {family!r} in {path}")
     return bank
+
+
+def stored_vision_layers(name: str, manifest: dict, depth_fallback: DepthFallback | None = None) -> VisionLayers:
+    """The agent depth and stored layer numbers of a vision cache, from its manifest, checked against each other
+    and against the tokens array. Stage 1 records them in provenance["agent_layers"]; for older caches the stored
+    layers are fields.family.layers (null = all, so the depth is the token array's layer count), and the depth of
+    a subset comes from depth_fallback."""
+    where = f"agent {name!r} manifest"
+    try:
+        count = int(manifest["arrays"]["tokens"]["row_shape"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ValueError(f"{where}: arrays.tokens has no layer axis") from None
+    fields_layers = manifest.get("fields", {}).get("family", {}).get("layers")
+    if fields_layers is not None:
+        fields_layers = _layer_numbers(fields_layers, f"{where}: fields.family.layers")
+    recorded = (manifest.get("provenance") or {}).get("agent_layers")
+    if recorded is not None:
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{where}: provenance.agent_layers must be an object, got {recorded!r}")
+        depth = _positive_int(recorded.get("depth"), f"{where}: provenance.agent_layers.depth")
+        stored = _layer_numbers(recorded.get("stored"), f"{where}: provenance.agent_layers.stored")
+        if fields_layers is not None and stored != fields_layers:
+            raise ValueError(f"{where}: provenance.agent_layers.stored {list(stored)} != fields.family.layers "
+                             f"{list(fields_layers)}")
+    elif fields_layers is None:
+        depth, stored = count, tuple(range(count))
+    else:
+        stored = fields_layers
+        depth = depth_fallback(name, manifest) if depth_fallback is not None else None
+        if depth is None:
+            raise ValueError(f"{where}: the cache stores agent layers {list(stored)} but not the agent's depth; "
+                             "re-extract it (stage 1 now records it)")
+        depth = _positive_int(depth, f"agent {name!r} depth")
+    if len(stored) != count:
+        raise ValueError(f"{where}: {len(stored)} stored layer numbers for {count} cached layers (arrays.tokens)")
+    if max(stored) >= depth:
+        raise ValueError(f"{where}: stored layers {list(stored)} exceed the agent's {depth} blocks")
+    return VisionLayers(depth, stored)
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _layer_numbers(value, what: str) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)
+            or len(set(value)) != len(value)):
+        raise ValueError(f"{what} must be a non-empty list of distinct 0-based layer numbers, got {value!r}")
+    return tuple(value)
+
+
+def _layer_list(layers) -> str:
+    return ",".join(str(layer) for layer in layers) or "(none)"
 
 
 def _own_space(reader: CacheReader) -> bool:

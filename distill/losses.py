@@ -4,8 +4,10 @@
 
 Choices (the README repeats them):
 
-* L_VAC: sum over student layers (not mean, as official) of L1(student tokens, normalise(gated agent tokens)).
-  Agents with another block count are mapped by `agent_layer_map`.
+* L_VAC: sum over (student layer, agent layer) pairs (not mean, as official) of L1(student tokens,
+  normalise(gated agent tokens)). Stage 2 pairs every stored agent layer with the student block of the same
+  relative depth (`student_block_for`: the same block when depths are equal); without explicit pairs, tokens of
+  every agent layer are mapped per student layer by `agent_layer_map`.
 * L_LAC: the gated language target is re-normalised by default. With the MLP gate the target is a convex
   combination of unit class features, so its norm is below 1 wherever gpt3 and vicuna disagree, and a unit-norm
   student can never reach it; re-normalising keeps the target on the student's sphere, as L_VAC does.
@@ -14,9 +16,16 @@ Choices (the README repeats them):
   features, each in its own space, so no projection is needed.
 * L_MAC: T²·KL(softmax(S_A/T) || softmax(S_P/T)) with `batchmean` reduction (sum over classes, mean over
   images: the KL per image, averaged), where S_A = Σ_k w_k z_k, z_k = each agent's scores standardised per image
-  across classes, and S_P = the student's class logits. The official code divided the summed KL by B·C instead
-  and used a class-independent student score that gives the prompts no gradient: `official_mac_student_score`
-  reproduces that score so a test can show it.
+  across classes, and S_P = the student's class logits standardised the same way (population std, σ not
+  detached), as logit-standardised distillation does (Sun et al., CVPR 2024). Raw logits (100·cos) against
+  z-scores compare unlike scales: at T = 1 the KL then mostly measures the student's logit spread and its gradient
+  shrinks that spread, against CE. Standardised, the term is invariant to the logits' scale and its gradient is
+  orthogonal to the centred logits, so it shapes the ranking and leaves confidence to CE. `mac_student="logits"`
+  keeps raw logits. A score vector whose spread is at rounding level is not standardised (that would amplify
+  rounding into a full-size signal): an agent's gives z = 0, a student's (or all agents' at once) drops the
+  image's term, with no gradient. The official code divided the summed KL by B·C instead and used a
+  class-independent student score that gives the prompts no gradient: `official_mac_student_score` reproduces
+  that score so a test can show it.
 """
 from __future__ import annotations
 
@@ -49,17 +58,26 @@ def agent_layer_map(student_layers: int, agent_layers: int) -> list[int]:
             for l in range(student_layers)]
 
 
+def student_block_for(agent_layer: int, agent_depth: int, student_depth: int) -> int:
+    """0-based student block at the relative depth of a 0-based agent layer: round((a+1)·Ls/La) − 1, rounding
+    halves up, clamped at 0. Equal depths give the same block; agent layer 23 of 24 pairs with block 11 of 12."""
+    if student_depth < 1 or agent_depth < 1 or not 0 <= agent_layer < agent_depth:
+        raise ValueError(f"agent layer {agent_layer} of depth {agent_depth}, student depth {student_depth}")
+    return max(0, (2 * (agent_layer + 1) * student_depth + agent_depth) // (2 * agent_depth) - 1)
+
+
 def vac_loss(student_tokens: torch.Tensor, agent_tokens: Sequence[torch.Tensor], gates: Sequence,
              agent_token_means: Sequence[torch.Tensor] | None = None,
-             layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ_l L1(student tokens of layer l, normalise(gated agent tokens of the mapped agent layer)).
+             pairs: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ over (student layer s, agent index a) pairs of L1(student tokens of s, normalise(gated agent tokens a)).
 
     student_tokens: [Ls, B, T, D], L2-normalised per token (Student.encode_image).
     agent_tokens: K tensors [B, La, T, D] (the cached, normalised agent tokens; all agents share La).
-    gates: Ls gates, one per student layer (GateSet.vision).
+    gates: Ls gates, one per student layer (GateSet.vision); a pair uses its student layer's gate.
     agent_token_means: K tensors [B, La, D], the gate inputs; computed from agent_tokens when None.
-    layers: the 0-based student layers that take part (default: all), for the `--layers` ablation.
-    Returns (loss, weights [len(layers), B, K]).
+    pairs: (student layer, index into the La cached layers); default: every student layer with
+    `agent_layer_map(Ls, La)`, i.e. the tokens hold every layer of the agent.
+    Returns (loss, weights [len(pairs), B, K]).
     """
     if student_tokens.dim() != 4:
         raise ValueError(f"student tokens must be [layers, B, T, D], got {tuple(student_tokens.shape)}")
@@ -81,12 +99,14 @@ def vac_loss(student_tokens: torch.Tensor, agent_tokens: Sequence[torch.Tensor],
         raise ValueError(f"{len(agent_token_means)} token-mean arrays for {len(agent_tokens)} vision agents")
 
     total, weights = student_tokens.new_zeros((), dtype=torch.float32), []
-    chosen = range(num_layers) if layers is None else sorted(set(layers))
-    if not chosen or min(chosen) < 0 or max(chosen) >= num_layers:
-        raise ValueError(f"L_VAC layers {list(chosen)} must be within 0..{num_layers - 1}")
-    layer_map = agent_layer_map(num_layers, agent_layers)
-    for layer in chosen:
-        agent_layer = layer_map[layer]
+    if pairs is None:
+        pairs = list(enumerate(agent_layer_map(num_layers, agent_layers)))
+    pairs = [(int(layer), int(agent_layer)) for layer, agent_layer in pairs]
+    bad = [p for p in pairs if not (0 <= p[0] < num_layers and 0 <= p[1] < agent_layers)]
+    if not pairs or bad:
+        raise ValueError(f"L_VAC layer pairs {bad or pairs} must be (student layer within 0..{num_layers - 1}, "
+                         f"cached agent layer within 0..{agent_layers - 1})")
+    for layer, agent_layer in pairs:
         gate_input = torch.cat([m[:, agent_layer] for m in agent_token_means], dim=-1)
         fused, w = gates[layer](gate_input, [x[:, agent_layer] for x in agent_tokens])
         target = F.normalize(fused.float(), dim=-1)
@@ -135,17 +155,31 @@ def rel_loss(text_features: torch.Tensor, bert_features: torch.Tensor) -> torch.
 # ----- multi-modal: L_MAC -----
 
 
-def standardize_scores(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-image scores standardised across classes (mean 0, std 1). [B, C], or [B, R, C] (R resolutions of a
-    t2i agent, averaged first as the official code did)."""
+MAC_STUDENT_FORMS = ("standardized", "logits")
+FLAT_SCORES_EPS = 1e-5   # relative: a std <= eps·max|score| is float rounding of a constant vector, not a signal
+
+
+def standardize_scores(scores: torch.Tensor, eps: float = FLAT_SCORES_EPS) -> torch.Tensor:
+    """Per-image scores standardised across classes (mean 0, population std 1). [B, C], or [B, R, C] (R resolutions
+    of a t2i agent, averaged first as the official code did). A row whose std is at most eps·max|row| (a constant
+    vector up to rounding) becomes 0 rather than amplified rounding; its gradient is 0, never NaN."""
     if scores.dim() == 3:
         scores = scores.float().mean(dim=1)
     if scores.dim() != 2:
         raise ValueError(f"agent scores must be [B, C] or [B, R, C], got {tuple(scores.shape)}")
+    return _standardize(scores, eps)[0]
+
+
+def _standardize(scores: torch.Tensor, eps: float = FLAT_SCORES_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z [B, C], varying [B, 1]): z-scores with σ not detached; flat rows give z = 0 and varying = False."""
     scores = scores.float()
-    mean = scores.mean(dim=-1, keepdim=True)
-    std = scores.std(dim=-1, unbiased=False, keepdim=True).clamp_min(eps)
-    return (scores - mean) / std
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    variance = centred.square().mean(dim=-1, keepdim=True)
+    scale = scores.detach().abs().amax(dim=-1, keepdim=True)
+    varying = variance.detach() > (eps * scale).square()
+    # sqrt only of the rows that vary: sqrt'(0) = inf would turn the masked rows' zero gradient into NaN
+    std = torch.where(varying, variance, torch.ones_like(variance)).sqrt()
+    return torch.where(varying, centred / std, torch.zeros_like(centred)), varying
 
 
 def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -157,23 +191,37 @@ def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperatur
 
 
 def mac_loss(student_logits: torch.Tensor, agent_scores: Sequence[torch.Tensor], gate,
-             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 1.0, student: str = "standardized") -> tuple[torch.Tensor, torch.Tensor]:
     """T²·KL(softmax(S_A/T) || softmax(S_P/T)); S_A = Σ_k w_k z_k from the standardised agent scores z_k.
 
-    student_logits: S_P [B, C] (the same logits CE uses). agent_scores: K tensors [B, C] or [B, R, C].
-    gate: the multimodal gate (input = concat of the z_k, [B, K·C]). Returns (loss, weights [B, K]).
+    student_logits: [B, C] (the same logits CE uses); S_P is them standardised per image (student="standardized")
+    or as they are (student="logits"). agent_scores: K tensors [B, C] or [B, R, C]. gate: the multimodal gate
+    (input = concat of the z_k, [B, K·C]). Returns (loss, weights [B, K]).
     """
+    if student not in MAC_STUDENT_FORMS:
+        raise ValueError(f"mac student form must be one of {MAC_STUDENT_FORMS}, got {student!r}")
     if student_logits.dim() != 2:
         raise ValueError(f"student logits must be [B, C], got {tuple(student_logits.shape)}")
     if not agent_scores:
         raise ValueError("L_MAC needs at least one multimodal agent")
-    z = [standardize_scores(s) for s in agent_scores]
-    for k, zk in enumerate(z):
-        if tuple(zk.shape) != tuple(student_logits.shape):
+    standardized = []
+    for k, scores in enumerate(agent_scores):
+        if scores.dim() == 3:
+            scores = scores.float().mean(dim=1)
+        if tuple(scores.shape) != tuple(student_logits.shape):
             raise ValueError(f"multimodal agent {k} scores {tuple(agent_scores[k].shape)} do not match the "
                              f"student logits {tuple(student_logits.shape)} (same images, same class set)")
+        standardized.append(_standardize(scores))
+    z = [zk for zk, _ in standardized]
     teacher, weights = gate(torch.cat(z, dim=-1), z)
-    return kd_kl(teacher, student_logits, temperature), weights
+    if student == "logits":
+        return kd_kl(teacher, student_logits, temperature), weights
+    student_z, varying = _standardize(student_logits)
+    varying = varying & torch.stack([v for _, v in standardized]).any(dim=0)
+    t = temperature
+    per_image = F.kl_div(F.log_softmax(student_z / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
+                         reduction="none", log_target=True).sum(dim=-1, keepdim=True)
+    return torch.where(varying, per_image, torch.zeros_like(per_image)).mean() * (t * t), weights
 
 
 def official_mac_student_score(text_prompt: torch.Tensor, vision_prompt: torch.Tensor, ln_final, text_projection,
@@ -201,7 +249,7 @@ class LossWeights:
     mac: float = 1.0
     temperature: float = 1.0
     renormalize_language: bool = True
-    vac_layers: tuple[int, ...] | None = None   # student layers that take part in L_VAC (None = all)
+    mac_student: str = "standardized"   # S_P of L_MAC: "standardized" logits, or the raw "logits"
 
 
 def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights = LossWeights(),
@@ -211,8 +259,11 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
                  text_features: torch.Tensor | None = None,
                  language_features: Mapping[str, torch.Tensor] | None = None,
                  bert_features: torch.Tensor | None = None,
-                 mm_scores: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 mm_scores: Mapping[str, torch.Tensor] | None = None,
+                 vision_pairs: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + the weighted agent terms whose inputs are given and whose λ is non-zero.
+
+    vision_pairs: L_VAC's (student layer, cached agent layer index) pairs (vac_loss's default when None).
 
     Agent inputs are keyed by agent name and fused in the gate set's agent order. Returns the total (a tensor to
     backpropagate) and a dict of floats for logging: every computed term ("ce", "vac", "lac", "rel", "mac",
@@ -240,7 +291,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
         names = _require_gates(gates, "vision").vision_agents
         means = ordered(vision_token_means, names, "vision") if vision_token_means is not None else None
         terms["vac"], w = vac_loss(student_tokens, ordered(vision_tokens, names, "vision"), gates.vision, means,
-                                   weights.vac_layers)
+                                   vision_pairs)
         total = total + weights.vac * terms["vac"]
         record("vision", names, w)
     if language_features and weights.lac:
@@ -257,7 +308,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
     if mm_scores and weights.mac:
         names = _require_gates(gates, "multimodal").multimodal_agents
         terms["mac"], w = mac_loss(logits, ordered(mm_scores, names, "multimodal"), gates.multimodal,
-                                   weights.temperature)
+                                   weights.temperature, weights.mac_student)
         total = total + weights.mac * terms["mac"]
         record("multimodal", names, w)
 

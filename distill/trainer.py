@@ -38,9 +38,10 @@ class RunConfig:
     lambda_rel: float = 1.0
     lambda_mac: float = 1.0
     temperature: float = 1.0
+    mac_student: str = "standardized"  # L_MAC's student scores: standardised logits, or the raw "logits"
     router: str = "mlp"
     views: int | None = None          # cached views to draw from (None = all cached; 1 = view 0 only)
-    layers: list[int] | None = None   # student layers distilled by L_VAC (None = all)
+    layers: list[int] | None = None   # agent layers distilled by L_VAC, as extract numbers them (None = all stored)
     epochs: int = 20
     prompt_depth: int = 9
     n_ctx: int = 4
@@ -61,8 +62,7 @@ class RunConfig:
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(vac=self.lambda_vac, lac=self.lambda_lac, rel=self.lambda_rel, mac=self.lambda_mac,
-                           temperature=self.temperature,
-                           vac_layers=tuple(self.layers) if self.layers is not None else None)
+                           temperature=self.temperature, mac_student=self.mac_student)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,6 +99,7 @@ class Trainer:
             student_layers=geometry.layers, language_agents=list(bank.language),
             language_dim=geometry.embed_dim, multimodal_agents=list(bank.multimodal),
             num_classes=len(classnames)).to(self.device)
+        self.layer_pairs = bank.layer_pairs(geometry.layers, config.layers)
         self.parameters = [*self.student.trainable_parameters(), *self.gates.parameters()]
         if not self.parameters and config.epochs > 0:
             raise ValueError("nothing to train: prompt depth 0 and no agents; zero-shot CLIP is --prompt-depth 0 "
@@ -203,7 +204,8 @@ class Trainer:
             if tokens is not None:
                 tokens = match_grid(tokens, next(iter(inputs["vision_tokens"].values())).shape[2])
             total, logged = distill_loss(logits, labels, gates=self.gates, weights=self.config.loss_weights(),
-                                         student_tokens=tokens, text_features=text_features, **inputs)
+                                         student_tokens=tokens, text_features=text_features,
+                                         vision_pairs=[(p.student, p.stored) for p in self.layer_pairs], **inputs)
         bad = [name for name, value in logged.items() if not math.isfinite(value)]
         if bad:
             checkpoint = checkpoints.find(self.run_dir)

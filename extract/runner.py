@@ -262,6 +262,9 @@ def _record_provenance(cache: AgentCache, runtime, job: AgentJob) -> None:
         cache.set_provenance("source", source)
     if job.skipped_keys or "skipped_keys" in cache.manifest.get("provenance", {}):
         cache.set_provenance("skipped_keys", list(job.skipped_keys))
+    family_facts = getattr(family_module(job.spec.family), "provenance", None)  # e.g. a vision agent's depth
+    for key, value in (family_facts(runtime, job.ctx) if family_facts else {}).items():
+        cache.set_provenance(key, value)
 
 
 def _compute_segments(cache, assignments, runtime, family, job, progress, state, monitor) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 from pipelines.presets import resolve_agents, student_spec
 from pipelines.protocols import EPOCHS, PROMPT_DEPTH, harmonic_mean, test_sets, training_set
 
-ABLATION_FLAGS = ("agents", "lambda_vac", "lambda_lac", "lambda_rel", "lambda_mac", "temperature", "router", "views",
-                  "layers", "epochs", "prompt_depth")
+ABLATION_FLAGS = ("agents", "lambda_vac", "lambda_lac", "lambda_rel", "lambda_mac", "temperature", "mac_student",
+                  "router", "views", "layers", "epochs", "prompt_depth")
 
 
 @dataclass
@@ -43,9 +43,10 @@ class DistillOptions:
     lambda_rel: float = 1.0
     lambda_mac: float = 1.0
     temperature: float = 1.0
+    mac_student: str = "standardized"        # L_MAC's student scores: "standardized" or raw "logits"
     router: str = "mlp"
     views: int | None = None
-    layers: tuple[int, ...] | None = None   # student layers distilled by L_VAC (None = all)
+    layers: tuple[int, ...] | None = None   # agent layers distilled by L_VAC (None = every stored one)
     epochs: int | None = None          # None = the protocol's (20 base2novel, 50 fewshot)
     prompt_depth: int | None = None    # None = the protocol's (9; 3 for cross/dg)
     device: str = "cpu"
@@ -120,8 +121,9 @@ def distill(options: DistillOptions) -> dict:
     bank = open_teachers(options.cache_root, slug, dataset.split_hash, agents, chosen.classnames,
                          chosen.class_set, options.pins,
                          hint=extract_hint(options, "<agent>", options.views).replace("<agent>", ",".join(agents)),
-                         dataset_fields=dataset.fingerprint_fields(slug))
+                         dataset_fields=dataset.fingerprint_fields(slug), depth_fallback=agent_spec_depth)
     selection = fewshot_path(dataset, options.shots, options.seed)
+    layer_pairs = bank.layer_pairs(student.layers, options.layers)
     bank.check_rows(chosen.keys, options.views or bank.available_views() or 1,
                     hint=extract_hint(options, ",".join(bank.vision or bank.multimodal), options.views),
                     skipped_hint=f"repair them and re-run the extraction, or leave them out of this run: delete "
@@ -130,7 +132,8 @@ def distill(options: DistillOptions) -> dict:
     config = RunConfig(
         dataset=slug, protocol=options.protocol, shots=options.shots, seed=options.seed, agents=agents,
         lambda_vac=options.lambda_vac, lambda_lac=options.lambda_lac, lambda_rel=options.lambda_rel,
-        lambda_mac=options.lambda_mac, temperature=options.temperature, router=options.router, views=options.views,
+        lambda_mac=options.lambda_mac, temperature=options.temperature, mac_student=options.mac_student,
+        router=options.router, views=options.views,
         layers=list(options.layers) if options.layers is not None else None,
         epochs=options.epochs if options.epochs is not None else EPOCHS[options.protocol],
         prompt_depth=(options.prompt_depth if options.prompt_depth is not None
@@ -142,6 +145,7 @@ def distill(options: DistillOptions) -> dict:
                 "train_keys": len(chosen.keys),
                 "train_keys_sha256": hashlib.sha256(json.dumps(chosen.keys).encode()).hexdigest(),
                 "classnames": chosen.classnames,
+                "vision_layers": [{"agent": p.agent, "student": p.student} for p in layer_pairs],
                 "caches": {name: Path(os.path.relpath(path, options.cache_root)).as_posix()
                            for name, path in bank.paths.items()}}
     if final_path.exists() and not options.resume:
@@ -200,6 +204,20 @@ def check_run_images(dataset, train_keys, protocol: str, selection: Path) -> Non
                        f"{selection}")
         raise DatasetError(f"{len(problems)} image(s) of {dataset.name} cannot be read, nothing was trained "
                            f"({advice}); the first {min(len(problems), MAX_LISTED)}:\n{listed}")
+
+
+def agent_spec_depth(agent: str, manifest: dict) -> int | None:
+    """The block count of a vision cache's agent, for caches made before stage 1 recorded it: the tiny config the
+    manifest records, else the agent registry's depth for the real model (the registry is imported only here)."""
+    tiny_config = manifest.get("fields", {}).get("agent", {}).get("tiny_config")
+    if isinstance(tiny_config, dict) and "num_hidden_layers" in tiny_config:
+        return tiny_config["num_hidden_layers"]
+    from extract.agents import get_agent
+
+    try:
+        return get_agent(agent).depth
+    except KeyError:
+        return None
 
 
 def _evaluate_all(student, dataset, options, evaluate) -> dict:

@@ -25,7 +25,8 @@ from pipelines.distillation import ABLATION_FLAGS, DistillOptions, ablation_slug
 GRID_AXES = ("datasets", "shots", "seeds", "ablations")
 CELL_FIELDS = ("dataset", "shots", "seed")        # set per cell, never common
 CHOICES = {"protocol": ("base2novel", "fewshot", "cross", "dg"), "preset": ("paper", "tiny"),
-           "router": ("mlp", "noisy-linear"), "precision": ("auto", "fp32", "bf16", "fp16")}
+           "router": ("mlp", "noisy-linear"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "mac_student": ("standardized", "logits")}
 _FIELDS = {f.name: f for f in dataclasses.fields(DistillOptions)}
 COMMON_FIELDS = tuple(name for name in _FIELDS if name not in CELL_FIELDS)
 
@@ -168,7 +169,8 @@ def distill_command(options: DistillOptions, python: str = sys.executable) -> li
                "--agents", o.agents, "--protocol", o.protocol, "--shots", str(o.shots), "--seeds", str(o.seed),
                "--lambda-vac", repr(o.lambda_vac), "--lambda-lac", repr(o.lambda_lac),
                "--lambda-rel", repr(o.lambda_rel), "--lambda-mac", repr(o.lambda_mac),
-               "--temperature", repr(o.temperature), "--router", o.router, "--device", o.device,
+               "--temperature", repr(o.temperature), "--mac-student", o.mac_student, "--router", o.router,
+               "--device", o.device,
                "--precision", o.precision, "--workers", str(o.workers)]
     for flag, value in (("--views", o.views), ("--epochs", o.epochs), ("--prompt-depth", o.prompt_depth),
                         ("--stop-after-epoch", o.stop_after_epoch), ("--dataset-name", o.dataset_name)):

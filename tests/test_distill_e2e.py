@@ -140,6 +140,44 @@ def test_evaluate_re_scores_a_trained_run(workspace):
     assert scores == json.loads((run / "final.json").read_text())["accuracy"]
 
 
+def test_a_cache_of_some_layers_pairs_each_with_the_student_block_of_its_depth(tmp_path):
+    """dino and mae extracted with --layers 0,2 of their 3 blocks: the manifest records the depth and the layers,
+    stage 2 distils student blocks 0 and 2 only (block 1's gate stays as built), `--layers` in stage 2 names
+    stored agent layers, and caches that predate the recorded depth get it from their agent."""
+    from pipelines.datasets import make_synthetic
+
+    make_synthetic(tmp_path / "data", num_classes=2, per_class=(4, 1, 1))
+    cache = tmp_path / "cache"
+    common = ["--dataset", "synthetic", "--preset", "tiny", "--data-root", tmp_path / "data", "--cache-root", cache,
+              "--shots", SHOTS, "--seeds", "1", "--agents", "dino,mae"]
+    extracted = invoke("extract", *common, "--views", "1", "--layers", "0,2")
+    assert extracted.exit_code == 0, extracted.output
+    manifests = sorted(cache.glob("synthetic/*/*/manifest.json"))
+    assert len(manifests) == 2
+    for path in manifests:
+        assert json.loads(path.read_text())["provenance"]["agent_layers"] == {"depth": 3, "stored": [0, 2]}
+    distill = ["distill", *common, "--runs-root", tmp_path / "runs"]
+    trained = invoke(*distill, "--epochs", "1")
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((run_dir_of(trained.output) / "config.json").read_text())
+    assert config["vision_layers"] == [{"agent": 0, "student": 0}, {"agent": 2, "student": 2}]
+    output = failing(*distill, "--epochs", "1", "--layers", "1")
+    assert "--layers 1: the vision caches store agent layers 0,2 (of 3)" in output
+    for path in manifests:                                           # caches made before the depth was recorded
+        manifest = json.loads(path.read_text())
+        del manifest["provenance"]["agent_layers"]
+        path.write_text(json.dumps(manifest))
+    built = invoke(*distill, "--epochs", "0")
+    assert built.exit_code == 0, built.output
+    config = json.loads((run_dir_of(built.output) / "config.json").read_text())
+    assert config["vision_layers"] == [{"agent": 0, "student": 0}, {"agent": 2, "student": 2}]
+    after = torch.load(run_dir_of(trained.output) / "checkpoint.pt", weights_only=False)["gates"]
+    before = torch.load(run_dir_of(built.output) / "checkpoint.pt", weights_only=False)["gates"]
+    for block, distilled in ((0, True), (1, False), (2, True)):
+        names = [name for name in after if name.startswith(f"vision.{block}.")]
+        assert names and any(not torch.equal(after[n], before[n]) for n in names) == distilled, block
+
+
 # ----------------------------------------------------------------------------------- bad inputs
 
 def failing(*args):

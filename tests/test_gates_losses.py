@@ -1,5 +1,6 @@
-"""Gates and losses: fusion, the official router's weight range, layer mapping, shape errors, and which
-parameters each loss term trains (the official MAC score trains none of the prompts)."""
+"""Gates and losses: fusion, the official router's weight range, layer mapping and pairing, shape errors, which
+parameters each loss term trains (the official MAC score trains none of the prompts), and L_MAC's standardised
+student scores."""
 import math
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from distill.gates import GateSet, MLPGate, NoisyLinearRouter, build_gates
+from distill.data import TeacherBank, VisionLayers, stored_vision_layers
 from distill.losses import (LossWeights, agent_layer_map, ce_loss, class_similarity, distill_loss, kd_kl, lac_loss,
-                            mac_loss, official_mac_student_score, rel_loss, standardize_scores, vac_loss)
+                            mac_loss, official_mac_student_score, rel_loss, standardize_scores, student_block_for,
+                            vac_loss)
 from distill.student import build_student
 from pipelines.presets import register_model_configs
 
@@ -128,6 +131,72 @@ def test_agent_layer_map():
         agent_layer_map(0, 12)
 
 
+def test_student_block_for_pairs_layers_by_relative_depth():
+    assert [student_block_for(a, 12, 12) for a in range(12)] == list(range(12))
+    assert [student_block_for(a, 12, 3) for a in (3, 7, 11)] == [0, 1, 2]
+    assert [student_block_for(a, 24, 12) for a in (0, 1, 5, 11, 23)] == [0, 0, 2, 5, 11]
+    assert [student_block_for(a, 6, 12) for a in range(6)] == [1, 3, 5, 7, 9, 11]
+    with pytest.raises(ValueError):
+        student_block_for(12, 12, 12)
+
+
+def vision_manifest(stored=None, count=3, provenance=None, tiny_config=None):
+    return {"arrays": {"tokens": {"row_shape": [count, 16, 64], "dtype": "float16"}},
+            "fields": {"agent": {"tiny_config": tiny_config}, "family": {"layers": stored}},
+            "provenance": provenance or {}}
+
+
+def test_stored_vision_layers_from_the_manifest():
+    recorded = {"agent_layers": {"depth": 12, "stored": [3, 7, 11]}}
+    assert stored_vision_layers("dino", vision_manifest([3, 7, 11], provenance=recorded)) == (12, (3, 7, 11))
+    assert stored_vision_layers("dino", vision_manifest(None, count=12)) == (12, tuple(range(12)))  # old, all
+    old_subset = vision_manifest([3, 7, 11])                                 # old, a subset: depth from the spec
+    assert stored_vision_layers("dino", old_subset, lambda name, manifest: 12) == (12, (3, 7, 11))
+    with pytest.raises(ValueError, match="not the agent's depth"):
+        stored_vision_layers("dino", old_subset)
+    bad = [(vision_manifest([3, 7]), "2 stored layer numbers for 3"),
+           (vision_manifest([3, 7, 11], provenance={"agent_layers": {"depth": 8, "stored": [3, 7, 11]}}), "exceed"),
+           (vision_manifest([3, 7, 11], provenance={"agent_layers": {"depth": 12, "stored": [3, 7, 10]}}),
+            "fields.family.layers"),
+           (vision_manifest([3, 7, 11], provenance={"agent_layers": {"depth": True, "stored": [3, 7, 11]}}),
+            "depth must be a positive integer"),
+           (vision_manifest([3, "7", 11]), "fields.family.layers must be"),
+           (vision_manifest([3, 3, 11]), "distinct"),
+           (vision_manifest(None, provenance={"agent_layers": [12]}), "must be an object")]
+    for manifest, message in bad:
+        with pytest.raises(ValueError, match=message):
+            stored_vision_layers("dino", manifest, lambda name, manifest: 12)
+
+
+def test_layer_pairs_of_a_three_layer_cache_and_of_another_depth():
+    """Stored agent layers 3, 7, 11 of 12 pair with student blocks 3, 7, 11 (not blocks 0-4 with layer 3), and
+    `--layers` chooses among the stored layers by their extract numbers."""
+    three = TeacherBank([], vision_layers={"dino": VisionLayers(12, (3, 7, 11)), "mae": VisionLayers(12, (3, 7, 11))})
+    assert three.layer_pairs(12) == [(3, 0, 3), (7, 1, 7), (11, 2, 11)]
+    assert three.layer_pairs(12, [11, 7]) == [(7, 1, 7), (11, 2, 11)]
+    assert three.layer_pairs(3) == [(3, 0, 0), (7, 1, 1), (11, 2, 2)]
+    with pytest.raises(ValueError, match=r"--layers 5: the vision caches store agent layers 3,7,11 \(of 12\)"):
+        three.layer_pairs(12, [5])
+    deeper = TeacherBank([], vision_layers={"dino": VisionLayers(24, (11, 23, 5))})   # stored in this order
+    assert deeper.layer_pairs(12) == [(5, 2, 2), (11, 0, 5), (23, 1, 11)]
+    mixed = TeacherBank([], vision_layers={"dino": VisionLayers(12, (3, 7, 11)), "mae": VisionLayers(24, (7, 15, 23))})
+    with pytest.raises(ValueError, match="store different agent layers"):
+        mixed.layer_pairs(12)
+    assert TeacherBank([]).layer_pairs(12) == []
+    with pytest.raises(ValueError, match="no vision agent"):
+        TeacherBank([]).layer_pairs(12, [3])
+
+
+def test_vision_agents_have_a_depth_for_caches_that_predate_recording_it():
+    from extract.agents import registry
+    from pipelines.distillation import agent_spec_depth
+
+    for name, spec in registry().items():
+        if spec.family == "vision":
+            assert agent_spec_depth(name, {"fields": {"agent": {"tiny_config": None}}}) == spec.depth == 12, name
+            assert agent_spec_depth(name, {"fields": {"agent": {"tiny_config": spec.tiny_config}}}) == 3, name
+
+
 def test_vac_uses_mapped_agent_layers():
     """A student equal to the agent at the mapped layers has zero L_VAC; any other mapping would not."""
     g = torch.Generator().manual_seed(0)
@@ -236,7 +305,7 @@ def test_official_mac_score_gives_the_prompts_no_gradient(student):
                                        clip.logit_scale.exp(), batch_size=B, num_classes=C)
     assert score.shape == (B, C) and torch.unique(score).numel() == 1
     _, _, mm = agent_inputs()[1:]
-    loss, w = mac_loss(score, [mm[n] for n in MULTIMODAL], gates.multimodal)
+    loss, w = mac_loss(score, [mm[n] for n in MULTIMODAL], gates.multimodal, student="logits")  # official: raw S
     loss.backward()
     official = prompt_grads(student)
     assert all(g == 0.0 for name, g in official.items() if name not in ("text_deep.1", "visual_deep.1"))
@@ -282,18 +351,109 @@ def test_distill_loss_combines_terms(student):
     assert set(only) == {"ce", "total"} and math.isclose(ce_only.item(), terms["ce"], rel_tol=1e-6)
 
 
-def test_vac_layer_subset_sums_only_the_chosen_layers():
-    from distill.gates import build_gates
-    from distill.losses import vac_loss
-
+def test_vac_sums_the_given_layer_pairs():
     torch.manual_seed(0)
     student = torch.nn.functional.normalize(torch.randn(3, 2, 4, 8), dim=-1)
     agents = [torch.nn.functional.normalize(torch.randn(2, 3, 4, 8), dim=-1) for _ in range(2)]
     gates = build_gates("mlp", vision_agents=["a", "b"], vision_dim=8, student_layers=3).vision
     every, _ = vac_loss(student, agents, gates)
-    parts = [vac_loss(student, agents, gates, layers=[layer])[0] for layer in range(3)]
-    subset, weights = vac_loss(student, agents, gates, layers=[0, 2])
+    parts = [vac_loss(student, agents, gates, pairs=[(layer, layer)])[0] for layer in range(3)]
+    subset, weights = vac_loss(student, agents, gates, pairs=[(0, 0), (2, 2)])
     assert torch.allclose(every, sum(parts)) and torch.allclose(subset, parts[0] + parts[2])
     assert weights.shape[0] == 2
-    with pytest.raises(ValueError, match="within 0..2"):
-        vac_loss(student, agents, gates, layers=[3])
+    crossed, _ = vac_loss(student, agents, gates, pairs=[(2, 0)])       # cached layer 0 onto student block 2
+    target = F.normalize(gates[2](torch.cat([a[:, 0].mean(1) for a in agents], -1), [a[:, 0] for a in agents])[0],
+                         dim=-1)
+    torch.testing.assert_close(crossed, F.l1_loss(student[2], target))
+    with pytest.raises(ValueError, match="student layer within 0..2"):
+        vac_loss(student, agents, gates, pairs=[(3, 0)])
+    with pytest.raises(ValueError, match="cached agent layer within 0..2"):
+        vac_loss(student, agents, gates, pairs=[(0, 3)])
+
+
+# ----- L_MAC: standardised student scores -----
+
+def mac_inputs(seed=0, batch=4, classes=10, spread=5.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (spread * torch.randn(batch, classes, generator=g) + 20).requires_grad_(True)
+    agents = [torch.randn(batch, classes, generator=g) for _ in range(4)]
+    torch.manual_seed(seed)
+    return logits, agents, build_gates(multimodal_agents=MULTIMODAL, num_classes=classes).multimodal
+
+
+def test_mac_does_not_depend_on_the_scale_of_the_student_logits():
+    logits, agents, gate = mac_inputs()
+    losses = [mac_loss(scale * logits + shift, agents, gate)[0].item() for scale, shift in ((1, 0), (0.05, 0),
+                                                                                              (30, 0), (2, -7))]
+    assert all(math.isclose(loss, losses[0], rel_tol=1e-5) for loss in losses), losses
+    raw = [mac_loss(scale * logits, agents, gate, student="logits")[0].item() for scale in (1, 0.05, 30)]
+    assert max(raw) > 2 * min(raw)                                  # the raw form measures the logits' spread
+
+
+def test_mac_gradient_cannot_change_the_spread_of_the_logits():
+    """The gradient is orthogonal to the centred logits (and to a constant shift), so L_MAC reorders classes and
+    leaves the student's confidence to CE; the raw-logit form pulls a confident student's spread down."""
+    logits, agents, gate = mac_inputs(spread=5.0)
+    mac_loss(logits, agents, gate)[0].backward()
+    centred = (logits - logits.mean(-1, keepdim=True)).detach()
+    cosine = (logits.grad * centred).sum(-1) / (logits.grad.norm(dim=-1) * centred.norm(dim=-1))
+    assert cosine.abs().max() < 1e-5 and logits.grad.abs().max() > 1e-4, cosine
+    torch.testing.assert_close(logits.grad.sum(-1), torch.zeros(len(logits)), atol=1e-7, rtol=0)
+    logits.grad = None
+    mac_loss(logits, agents, gate, student="logits")[0].backward()
+    assert ((logits.grad * centred).sum(-1) > 0).all()             # descent shrinks every image's spread
+
+
+def test_mac_is_zero_when_the_fused_teacher_equals_the_student():
+    logits, _, gate = mac_inputs()
+    agents = [3 * logits.detach() + 1, 0.5 * logits.detach() - 4, logits.detach(), 7 * logits.detach()]
+    loss, _ = mac_loss(logits, agents, gate)
+    assert abs(loss.item()) < 1e-6
+    assert mac_loss(logits, agents, gate, student="logits")[0].item() > 0.1
+
+
+def test_flat_scores_are_not_amplified_into_a_signal():
+    """Scores equal up to float rounding standardise to 0 (not to unit-size noise), and a flat student row drops
+    that image's term with a zero, finite gradient."""
+    rounding = torch.full((1, C), 1000.0)
+    rounding[0, ::2] = torch.nextafter(rounding[0, ::2], torch.tensor(2000.0))   # one ulp apart
+    assert torch.equal(standardize_scores(rounding), torch.zeros(1, C))
+    assert torch.equal(standardize_scores(torch.zeros(2, C)), torch.zeros(2, C))
+    logits, agents, gate = mac_inputs(batch=2, classes=C)
+    flat = torch.cat([torch.full((1, C), 12.5), logits[1:].detach()]).requires_grad_(True)
+    loss, _ = mac_loss(flat, [a[:2] for a in agents], gate)
+    loss.backward()
+    assert torch.isfinite(flat.grad).all() and torch.equal(flat.grad[0], torch.zeros(C))
+    alone, _ = mac_loss(flat[1:], [a[1:2] for a in agents], gate)
+    torch.testing.assert_close(loss, alone / 2)                     # the flat image contributes 0 to batchmean
+    flat_agents = [torch.full((2, C), 3.0)] * 4                      # no agent has an opinion: no term
+    assert mac_loss(logits[:2], flat_agents, gate)[0].item() == 0.0
+
+
+def test_mac_prompt_gradient_is_comparable_to_ce_at_initialisation():
+    """Realistic batches: 10 classes, batch 4, logits with zero-shot CLIP's per-image spread (100·cos spreads by
+    about 2), the student right on 3 of 4 images, agents that share a view of the label. L_MAC at λ = 1 must
+    neither drown CE nor vanish beside it (over seeds a single batch gives 0.09-0.34)."""
+    classes, batch, batches = 10, 4, 3
+    register_model_configs()
+    torch.manual_seed(1)
+    model = build_student("TransAgent-Tiny-CLIP", pretrained=None, prompt_depth=3,
+                          classnames=[f"class {i}" for i in range(classes)])
+    gate = build_gates(multimodal_agents=MULTIMODAL, num_classes=classes).multimodal
+    prompts = list(model.trainable_parameters())
+    g = torch.Generator().manual_seed(11)
+    features, _ = model.encode_image(torch.randn(batches * batch, 3, 32, 32, generator=g), return_tokens=False)
+    cosines = F.normalize(features, dim=-1) @ F.normalize(model.encode_text(), dim=-1).T
+    # the tiny tower's random cosines spread wider than CLIP's: scale them to CLIP's per-image logit spread
+    logits = 2.0 / cosines.detach().std(-1, unbiased=False).mean() * cosines
+    ce_norm = mac_norm = 0.0
+    for rows in logits.split(batch):
+        ranked = rows.detach().argsort(-1, descending=True)
+        labels = torch.cat([ranked[:3, 0], ranked[3:, 1]])
+        shared = 2 * F.one_hot(labels, classes).float() + torch.randn(batch, classes, generator=g)
+        agents = [shared + torch.randn(batch, classes, generator=g) for _ in MULTIMODAL]
+        ce, mac = [math.sqrt(sum(grad.square().sum().item() for grad in torch.autograd.grad(
+                       loss, prompts, retain_graph=True, allow_unused=True) if grad is not None))
+                   for loss in (ce_loss(rows, labels), mac_loss(rows, agents, gate)[0])]
+        ce_norm, mac_norm = ce_norm + ce, mac_norm + mac
+    assert 0.1 <= mac_norm / ce_norm <= 10, (mac_norm, ce_norm)

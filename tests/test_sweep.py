@@ -63,7 +63,8 @@ def test_distill_command_rebuilds_the_same_cell(tmp_path):
     options = DistillOptions(dataset="dtd", data_root=tmp_path / "d", cache_root=tmp_path / "c",
                              runs_root=tmp_path / "r", preset="tiny", agents="dino,mae", protocol="fewshot", shots=4,
                              seed=3, lambda_vac=0.1, lambda_lac=2.5e-7, lambda_rel=0.0, lambda_mac=3.0,
-                             temperature=0.7, router="noisy-linear", views=2, epochs=5, prompt_depth=1,
+                             temperature=0.7, mac_student="logits", router="noisy-linear", views=2,
+                             layers=(3, 7, 11), epochs=5, prompt_depth=1,
                              device="cpu", precision="fp32", workers=2, eval_initial=True, resume=True,
                              pins={"dino": "abc", "mae": "def"})
     command = distill_command(options, python="python")
@@ -76,6 +77,10 @@ def test_distill_command_rebuilds_the_same_cell(tmp_path):
     assert run_directory(rebuilt) == run_directory(options)
     defaults = distill_command(DistillOptions())   # optional flags left out, so distill picks the protocol's
     assert "--epochs" not in defaults and "--views" not in defaults and "--force" not in defaults
+    assert ablation_slug(DistillOptions(mac_student="logits")).startswith("mac_student-logits-")
+    assert parse_ablation("mac_student=logits") == {"mac_student": "logits"}
+    with pytest.raises(SweepError, match="mac_student: 'raw' is not one of standardized, logits"):
+        parse_ablation("mac_student=raw")
 
 
 def test_dry_run_lists_cells_and_commands(tmp_path):
@@ -93,6 +98,9 @@ def test_dry_run_lists_cells_and_commands(tmp_path):
     assert sum("(finished)" in line for line in lines) == 1
     result = CliRunner().invoke(sweep_cli, args + ["--processes", "2"])
     assert result.output.count("-m pipelines distill") == 16 and "--lambda-mac 0.0" in result.output
+    result = CliRunner().invoke(sweep_cli, ["--mac-student", "logits", "--runs-root", str(runs), "--processes", "1",
+                                            "--dry-run"])
+    assert result.exit_code == 0 and "mac_student-logits-" in result.output and "--mac-student logits" in result.output
 
 
 def test_grid_file_values_yield_to_explicit_flags(tmp_path):

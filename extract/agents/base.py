@@ -68,6 +68,7 @@ class AgentSpec:
     load: Callable[[LoadRequest], Any] # -> runtime object following the family protocol
     tiny_config: dict = field(default_factory=dict)
     description: str = ""
+    depth: int | None = None           # vision agents: blocks of the real model (caches record the loaded depth)
 
     def __post_init__(self):
         if self.family not in FAMILIES:

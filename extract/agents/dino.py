@@ -44,5 +44,6 @@ SPEC = AgentSpec(
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,
     tiny_config=TINY_CONFIG,
+    depth=12,
     description="DINO ViT-B/16 patch tokens of every block (transformers ViTModel)",
 )

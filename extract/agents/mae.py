@@ -59,5 +59,6 @@ SPEC = AgentSpec(
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,
     tiny_config=TINY_CONFIG,
+    depth=12,
     description="MAE ViT-B/16 encoder patch tokens of every block, unmasked (transformers ViTMAEModel)",
 )

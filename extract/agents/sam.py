@@ -101,5 +101,6 @@ SPEC = AgentSpec(
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,
     tiny_config=TINY_CONFIG,
+    depth=12,
     description="SAM ViT-B image-encoder block outputs at the student's resolution (transformers SamVisionEncoder)",
 )

@@ -61,5 +61,6 @@ SPEC = AgentSpec(
     emits=("tokens", "token_mean", "views", "tokens_scale"),
     load=load,
     tiny_config=TINY_CONFIG,
+    depth=12,
     description="ViTDet-B (detectron2 COCO Mask R-CNN backbone) block outputs (transformers VitDetModel)",
 )

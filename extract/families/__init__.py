@@ -6,6 +6,7 @@ A family module exposes:
     compute(runtime, rows, ctx) -> dict[str, ndarray]   one batch of rows, arrays [len(rows), *row_shape]
     fingerprint_fields(ctx) -> dict                    the parts of the context that change this family's numbers
     extra_files(runtime, ctx) -> dict[str, bytes]       files stored beside the arrays (e.g. descriptions.json)
+    provenance(runtime, ctx) -> dict (optional)         facts about the loaded model for the manifest's provenance
 The runner calls only these, so it never branches on agent names. Family and agent modules import torch and
 model libraries inside functions only: a complete cache must be recognised without importing them.
 """

@@ -141,6 +141,13 @@ def extra_files(runtime, ctx) -> dict[str, bytes]:
     return {}
 
 
+def provenance(runtime, ctx) -> dict:
+    """The loaded agent's block count and the layer numbers stored: stage 2 pairs each stored layer with the
+    student block of the same relative depth, and `--layers` names the same layers in both stages."""
+    return {"agent_layers": {"depth": int(runtime.num_layers),
+                             "stored": [int(layer) for layer in selected_layers(runtime, ctx)]}}
+
+
 # ---- pieces (public so tests and benchmarks can check them) ----------------------------------------------------
 
 def normalise_pixels(pixels, runtime):

@@ -26,11 +26,15 @@ from pipelines import options as opt
 @click.option("--lambda-rel", type=float, default=1.0, show_default=True, help="Weight of L_REL (bert relations).")
 @click.option("--lambda-mac", type=float, default=1.0, show_default=True, help="Weight of L_MAC (multi-modal).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="L_MAC temperature T.")
+@click.option("--mac-student", type=click.Choice(["standardized", "logits"]), default="standardized",
+              show_default=True, help="L_MAC's student scores: the class logits standardised per image like the "
+                                      "agents' scores, or the raw logits (the earlier form).")
 @click.option("--router", type=click.Choice(["mlp", "noisy-linear"]), default="mlp", show_default=True,
               help="Gate type; noisy-linear reproduces the official router.")
 @click.option("--views", type=click.IntRange(1), default=None, help="Cached views to draw from (default: all).")
 @click.option("--layers", default=None, callback=lambda ctx, param, value: _parse_layers(value),
-              help="0-based student layers distilled by L_VAC, e.g. 3,7,11 (default: all).")
+              help="0-based agent layers distilled by L_VAC, numbered as extract --layers numbers them, e.g. "
+                   "3,7,11; a subset of the layers the vision caches store (default: all they store).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Default: 20 (base2novel), 50 (fewshot).")
 @click.option("--prompt-depth", type=click.IntRange(0), default=None, help="Default: 9 (3 for cross/dg).")
 @click.option("--device", default="auto", show_default=True)
@@ -42,7 +46,8 @@ from pipelines import options as opt
 @click.option("--stop-after-epoch", type=click.IntRange(1), default=None, hidden=True)
 @opt.cache_fingerprints
 def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, agents, protocol, shots, seeds, lambda_vac,
-            lambda_lac, lambda_rel, lambda_mac, temperature, router, views, layers, epochs, prompt_depth, device,
+            lambda_lac, lambda_rel, lambda_mac, temperature, mac_student, router, views, layers, epochs, prompt_depth,
+            device,
             precision, workers, eval_initial, resume, force, stop_after_epoch, pins):
     """Stage 2: train prompts + gates against the caches; evaluate the last epoch."""
     from cache_schema import CacheError
@@ -58,7 +63,8 @@ def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, age
         options = DistillOptions(
             dataset=dataset, data_root=data_root, cache_root=cache_root, runs_root=runs_root, preset=preset,
             agents=agents, protocol=protocol, shots=shots, seed=seed, lambda_vac=lambda_vac, lambda_lac=lambda_lac,
-            lambda_rel=lambda_rel, lambda_mac=lambda_mac, temperature=temperature, router=router, views=views,
+            lambda_rel=lambda_rel, lambda_mac=lambda_mac, temperature=temperature, mac_student=mac_student,
+            router=router, views=views,
             layers=layers, epochs=epochs, prompt_depth=prompt_depth, device=device, precision=precision, workers=workers,
             eval_initial=eval_initial, resume=resume, force=force, stop_after_epoch=stop_after_epoch, pins=pins,
             progress=sys.stderr.isatty(), dataset_name=dataset_name)

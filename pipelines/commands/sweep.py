@@ -39,6 +39,8 @@ NOT_OPTIONS = ("grid", "processes", "gpus", "log_dir", "dry_run")   # how to run
 @click.option("--lambda-mac", type=float, default=DEFAULTS.lambda_mac, show_default=True, help="Weight of L_MAC.")
 @click.option("--temperature", type=float, default=DEFAULTS.temperature, show_default=True,
               help="L_MAC temperature T.")
+@click.option("--mac-student", type=click.Choice(["standardized", "logits"]), default=DEFAULTS.mac_student,
+              show_default=True, help="L_MAC's student scores: standardised logits or the raw logits.")
 @click.option("--router", type=click.Choice(["mlp", "noisy-linear"]), default=DEFAULTS.router, show_default=True)
 @click.option("--views", type=click.IntRange(1), default=None, help="Cached views to draw from (default: all).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Default: the protocol's (20; 50 fewshot).")
