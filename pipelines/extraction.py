@@ -48,9 +48,9 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
     """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set)."""
     from cache_schema.views import ViewSpec
     from extract.agents import registry
-    from extract.agents.base import LoadRequest, Source
+    from extract.agents.base import LoadRequest
     from extract.families import ExtractContext
-    from extract.runner import AgentJob, local_weights
+    from extract.runner import AgentJob
     from pipelines.datasets import load_dataset
 
     # Images are checked later, and only those the jobs need (`--on-error` decides what a bad one does).
@@ -75,10 +75,7 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
             views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
             token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
             options=agent_options)
-        source, weights = None, None
-        if name in options.agent_paths:
-            source = Source(local_path=str(options.agent_paths[name]))
-            weights = local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
+        source, weights = agent_weights(spec, options)
         request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
                               dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
                               options=agent_options)
@@ -90,6 +87,38 @@ def build_jobs(options: ExtractOptions, dataset=None) -> list:
         else:
             jobs.append(AgentJob(spec, base_ctx, request, weights))
     return jobs
+
+
+def agent_weights(spec, options: ExtractOptions) -> tuple:
+    """(source, identity) of an agent's real weights: a --agent-path directory (identified by its files' sha256),
+    or a published checkpoint converted under the weights root (identified by the checkpoint's sha256, known from
+    its pin without a download); (None, None) for hub agents and the tiny preset."""
+    from extract.agents.base import Source
+    from extract.runner import local_weights
+
+    if spec.name in options.agent_paths:
+        source = Source(local_path=str(options.agent_paths[spec.name]))
+        return source, local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
+    if options.preset == "tiny" or spec.source.url is None:
+        return None, None
+    from extract.weights import checkpoint
+
+    planned = checkpoint(spec, options.cache_root)
+    return Source(local_path=str(planned.converted)), planned.identity()
+
+
+def downloads_weights(job, options: ExtractOptions) -> bool:
+    """True if the job loads a published checkpoint that `agents check` downloads and converts first."""
+    return not job.request.tiny and job.spec.source.url is not None and job.spec.name not in options.agent_paths
+
+
+def skipped_agents(options: ExtractOptions, agents) -> dict[str, str]:
+    """Selected agents that cannot run as configured, and why: weights that need a manual step (a licence) and no
+    --agent-path. Extraction reports them in one line and goes on; --strict makes any skip an error."""
+    if options.preset == "tiny":
+        return {}
+    return {name: agents[name].manual_weights for name in resolve_agents(options.agents, tuple(agents))
+            if agents[name].manual_weights and name not in options.agent_paths}
 
 
 def check_agent_options(options: ExtractOptions, agents) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from extract.agents._loading import from_pretrained, seeded, torch_dtype
+from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from extract.families.language import ClipTextEncoder, check_options, read_descriptions, tiny_tokenizer
 
@@ -87,10 +87,16 @@ class VicunaRuntime:
         answers = tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
         return [" ".join(answer.split()) for answer in answers if answer.strip()]
 
+    def preflight(self):
+        """What `agents check` loads beyond `load`: the LLM, when descriptions are generated rather than read."""
+        if "descriptions" not in self.request.options:
+            self.llm()
+
     def llm(self):
         if self._llm is None:
             self._llm = load_llm(self.request)
-            self.source["commit"] = getattr(self._llm[0].config, "_commit_hash", None)
+            if not self.request.tiny:
+                self.source["commit"] = hub_commit(self.request.source or SOURCE)
         return self._llm
 
 
@@ -108,8 +114,7 @@ def load_llm(request: LoadRequest):
     else:
         source = request.source or SOURCE
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "vicuna")
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, source, "vicuna",
-                                dtype=torch_dtype(request.dtype))
+        model = load_model(AutoModelForCausalLM, source, "vicuna", dtype=torch_dtype(request.dtype))
     return model.to(request.device).eval().requires_grad_(False), tokenizer
 
 

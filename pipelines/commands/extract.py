@@ -54,7 +54,8 @@ def _parse_ints(ctx, param, value):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--agent-path", "agent_paths", multiple=True, callback=opt.parse_agent_pairs,
-              help="AGENT=PATH: load an agent from a local directory (required for vitdet and shikra).")
+              help="AGENT=PATH: load an agent from a local directory (shikra needs one, else it is skipped; "
+                   "vitdet and mae are otherwise downloaded and converted).")
 @click.option("--descriptions", "descriptions", multiple=True, callback=opt.parse_agent_pairs,
               help="AGENT=FILE: class descriptions JSON for a language agent (e.g. gpt3=gpt3_eurosat.json).")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
@@ -63,13 +64,16 @@ def _parse_ints(ctx, param, value):
               help="A needed image is missing or unreadable: stop before any model loads, or leave it out "
                    "(listed in the log and in the cache manifest).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and size estimate, write nothing.")
+@click.option("--strict", is_flag=True,
+              help="An agent that would be skipped (e.g. shikra without --agent-path) is an error.")
 def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views, view_seed, layers,
             token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, on_error,
-            dry_run):
+            dry_run, strict):
     """Stage 1: run each agent once and cache what it knows."""
+    from extract.agents import registry
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
     from pipelines.datasets import DatasetError
-    from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
+    from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes, skipped_agents
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     protocols = ("base2novel", "fewshot") if protocol == "all" else (protocol,)
@@ -78,12 +82,19 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
         protocols=protocols, shots=shots, seeds=tuple(seeds), views=views, view_seed=view_seed, layers=layers,
         token_pool=int(token_pool), dtype=dtype, batch_size=batch_size, device=device, backend=backend,
         agent_paths=agent_paths, agent_options={name: {"descriptions": path} for name, path in descriptions.items()})
+    say = click.echo if rank == 0 else (lambda *a, **k: None)
     try:
         jobs = build_jobs(options)
+        skipped = skipped_agents(options, registry())
     except (ValueError, OSError, KeyError, DatasetError) as error:
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
+    if skipped:
+        line = f"skipped {len(skipped)} agent(s): " + "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        if strict:
+            raise click.ClickException(f"{line} (--strict)")
+        say(f"{line} (--strict makes this an error)")
+        jobs = [job for job in jobs if job.spec.name not in skipped]
     todo = [job for job in jobs if not is_complete(job, cache_root)]
-    say = click.echo if rank == 0 else (lambda *a, **k: None)
     log_path = log_path or Path(cache_root) / dataset / "extract.jsonl"
     bad = unreadable_images(todo)
     if bad:
@@ -121,6 +132,9 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
         from pipelines.presets import register_model_configs
 
         register_model_configs()
+    todo = _preflight(todo, options, say)
+    if not todo:
+        return
     barrier = _distributed_barrier(world_size, device)
     try:
         reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
@@ -133,6 +147,29 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
             f"{report.images_per_second:8.1f} rows/s  peak RSS {format_bytes(report.peak_rss_bytes)}")
     if failed:
         raise click.ClickException("\n".join(f"agent {r.agent} failed: {r.error}" for r in failed))
+
+
+def _preflight(todo: list, options, say) -> list:
+    """Before any extraction: download and convert published checkpoints, then load every agent that still has
+    work (`agents check`), so a checkpoint that cannot load fails now, not hours in, with every problem listed.
+    The tiny preset builds its agents from code, with nothing to download or verify."""
+    from extract.runner import is_complete
+    from pipelines.agent_check import format_result, items_from_jobs, run_checks, summary
+
+    if options.preset == "tiny":
+        say("agents check: the tiny preset builds every agent from its config (nothing to download or verify)")
+        return todo
+    items = items_from_jobs(todo, options)
+    results = run_checks(items, options, say=say, on_result=lambda result: say(format_result(result)))
+    say(summary(results))
+    failed = [result for result in results if result.status == "failed"]
+    if failed:
+        raise click.ClickException("agents check failed, nothing was extracted:\n" +
+                                   "\n".join(f"agent {result.agent} failed: {result.error}" for result in failed))
+    weights = {item.spec.name: item.weights for item in items if item.downloads}  # now with the checkpoint's sha256
+    for job in todo:
+        job.weights = weights.get(job.spec.name, job.weights)
+    return [job for job in todo if not is_complete(job, options.cache_root)]  # a pin can name a finished cache
 
 
 def _destroy_process_group(world_size: int) -> None:
