@@ -125,10 +125,15 @@ def prepare(spec, cache_root, say=print) -> Checkpoint:
 
 
 def _download(url: str, target: Path, agent: str) -> str:
-    """Stream `url` into `target` (aside, then renamed); returns its sha256."""
+    """Stream `url` into `target` (aside, then renamed); returns its sha256. Offline (HF_HUB_OFFLINE=1) nothing
+    is downloaded."""
+    from extract.agents._loading import hub_offline
+
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     digest = hashlib.sha256()
     try:
+        if hub_offline():
+            raise OSError("offline (HF_HUB_OFFLINE=1), not downloading")
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             while chunk := response.read(CHUNK):
                 digest.update(chunk)

@@ -31,7 +31,15 @@ def rows(output):
 
 
 @pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
+def no_full_collections(monkeypatch):
+    """Freeing an agent runs gc.collect(), ~0.5 s in a test process full of models; these tests measure no memory."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch, no_full_collections):
     """An empty Hugging Face cache, offline: whatever is placed in it is all there is."""
     import huggingface_hub.constants
 
@@ -39,6 +47,8 @@ def offline_hub(tmp_path, monkeypatch):
     cache.mkdir()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("TRANSAGENT_REGISTRY", "TRANSAGENT_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
     return cache
 
 
@@ -66,12 +76,12 @@ def test_check_on_the_tiny_preset_reports_each_agent_and_its_cache(tmp_path):
     from pipelines.datasets import make_synthetic
 
     make_synthetic(tmp_path / "data", num_classes=2, per_class=(2, 1, 1))
-    result = invoke("agents", "check", "--preset", "tiny", "--agents", "dino,sd", "--dataset", "synthetic",
+    result = invoke("agents", "check", "--preset", "tiny", "--agents", "dino,bert", "--dataset", "synthetic",
                     "--shots", "1", "--data-root", tmp_path / "data", "--cache-root", tmp_path / "cache",
                     "--device", "cpu", "--forward", "--json")
     assert result.exit_code == 0, result.output
     found = rows(result.output)
-    assert sorted(found) == ["dino", "sd"] and all(r["status"] == "ok" for r in found.values())
+    assert sorted(found) == ["bert", "dino"] and all(r["status"] == "ok" for r in found.values())
     dino = found["dino"]
     assert dino["source"] == "tiny-random (seed 0)" and dino["dtypes"] == ["float32"]
     assert dino["parameters"] > 0 and dino["weight_bytes"] >= 4 * dino["parameters"]
@@ -93,10 +103,13 @@ def test_check_a_local_path_and_the_hub_cache_offline(tmp_path, offline_hub):
     assert row["weights"]["model.safetensors"] == sha256_file(local / "model.safetensors")
 
     # empty cache, offline: a clear error naming the agent and the offline routes, and a non-zero exit code
+    # (offline, mae's checkpoint is not downloaded either: the error says where to place it)
     missing = invoke("agents", "check", "--agents", "dino,mae", "--device", "cpu", "--cache-root", tmp_path / "c2")
-    assert missing.exit_code == 1
-    assert "agent 'dino': cannot load facebook/dino-vitb16" in missing.output and "--agent-path dino=DIR" in missing.output
-    assert "cannot run: dino, mae" in missing.output
+    assert missing.exit_code == 1 and "cannot run: dino, mae" in missing.output
+    assert "agent 'dino': cannot load facebook/dino-vitb16" in missing.output
+    assert "--agent-path dino=DIR" in missing.output
+    assert "offline (HF_HUB_OFFLINE=1), not downloading" in missing.output
+    assert f"place the file at {tmp_path / 'c2' / 'weights' / 'mae' / 'mae_pretrain_vit_base.pth'}" in missing.output
 
     # the same checkpoint in the hub cache: the resolved commit and the blob's sha256 are reported and recorded
     snapshot = place_in_hub_cache(offline_hub, "facebook/dino-vitb16", ckpt.save_dino(tmp_path / "dino-hub"))
@@ -109,6 +122,22 @@ def test_check_a_local_path_and_the_hub_cache_offline(tmp_path, offline_hub):
                                                                                             "model.safetensors")}
     runtime = get_agent("dino").load(LoadRequest(tiny=False, student=ckpt.STUDENT))
     assert runtime.source == {"source": "facebook/dino-vitb16", "commit": COMMIT}  # what the manifest records
+
+
+def test_the_check_loads_vicunas_llm_only_when_it_generates(tmp_path):
+    from types import SimpleNamespace
+
+    from extract.agents import LoadRequest
+    from extract.agents.vicuna import VicunaRuntime
+
+    text_encoder = SimpleNamespace(dim=4)  # the student's CLIP: not what this is about
+    generating = VicunaRuntime(text_encoder, LoadRequest(tiny=True, student=ckpt.STUDENT))
+    generating.preflight()
+    assert generating._llm is not None
+    reading = VicunaRuntime(text_encoder, LoadRequest(tiny=True, student=ckpt.STUDENT,
+                                                      options={"descriptions": str(tmp_path / "d.json")}))
+    reading.preflight()
+    assert reading._llm is None
 
 
 def test_blob_names_are_used_without_hashing(tmp_path):
@@ -149,12 +178,13 @@ def mae_server(tmp_path, monkeypatch):
     registry.write_text(json.dumps({"datasets": {}, "agents": {"mae": {"url": url}}}))
     monkeypatch.setenv("TRANSAGENT_REGISTRY", str(registry))
     monkeypatch.delenv("TRANSAGENT_WEIGHTS", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the server is local
     yield served / "mae_pretrain_vit_base.pth", requests, registry
     server.shutdown()
     server.server_close()
 
 
-def test_mae_is_downloaded_pinned_converted_once_and_verified(tmp_path, mae_server):
+def test_mae_is_downloaded_pinned_converted_once_and_verified(tmp_path, mae_server, no_full_collections):
     served, requests, registry = mae_server
     check = ["agents", "check", "--agents", "mae", "--device", "cpu", "--cache-root", tmp_path / "cache", "--json"]
     first = invoke(*check)
@@ -184,7 +214,8 @@ def test_mae_is_downloaded_pinned_converted_once_and_verified(tmp_path, mae_serv
     assert "remove pinned.json to re-pin" in invoke(*check).output
 
 
-def test_extract_downloads_checks_skips_shikra_and_reruns_without_loading(tmp_path, mae_server):
+def test_extract_downloads_checks_skips_shikra_and_reruns_without_loading(tmp_path, mae_server,
+                                                                          no_full_collections):
     from pipelines.datasets import make_synthetic
 
     served, requests, _ = mae_server
@@ -240,3 +271,34 @@ def test_merge_and_pull_refuse_rows_of_another_resolved_commit(tmp_path):
     with pytest.raises(FingerprintMismatch, match=f"(?s){COMMIT}.*{other}"):
         install_pack(tmp_path / "theirs.tar", tmp_path / "a")
     assert pack.sha256 and merge(commit_cache(tmp_path / "c", ["cow"], COMMIT), mine).added_rows == 1
+
+
+def test_a_resumed_extraction_never_adds_rows_of_another_commit(tmp_path, no_full_collections):
+    """The runner, like merge and pull: a partial cache from commit A is not finished with commit B's weights."""
+    from dataclasses import replace
+
+    from extract.agents import LoadRequest, get_agent
+    from extract.families import ExtractContext
+    from extract.runner import AgentJob, cache_fields, run
+
+    class Runtime:  # a language agent whose weights resolved to another commit
+        dim, resolved_revision = 4, "f" * 40
+
+        def descriptions(self, classnames, ctx):
+            return None
+
+        def class_features(self, classnames, ctx):
+            return np.ones((len(classnames), 4), np.float32)
+
+    ctx = ExtractContext(dataset="toy", image_root=tmp_path, keys=[], classnames=["cat", "dog"], template="a {}.",
+                         student=ckpt.STUDENT)
+    job = AgentJob(replace(get_agent("bert"), load=lambda request: Runtime()), ctx,
+                   LoadRequest(tiny=False, student=ckpt.STUDENT))
+    partial = AgentCache.open(tmp_path / "cache", "toy", "bert", cache_fields(job), ARRAYS)
+    plan = partial.plan([("cat", 0), ("dog", 0)])
+    partial.create_segments()
+    with partial.segment_writer(plan[0][0][0]) as writer:  # a run from COMMIT stopped after one row
+        writer.write([0], {"class_features": np.zeros((1, 4), np.float32)})
+    partial.set_provenance("resolved_revision", COMMIT)
+    (report,) = run([job], tmp_path / "cache", progress=False)
+    assert report.status == "failed" and COMMIT in report.error and "f" * 40 in report.error

@@ -53,11 +53,12 @@ def write_official(path, weights):
 
 
 def test_converted_mae_runs_as_the_paper_checkpoint(tmp_path):
-    weights = official_weights()
+    weights = official_weights(decoder=True)  # a full training checkpoint: its pixel decoder is left out
     out = convert(write_official(tmp_path / "mae_pretrain_vit_base.pth", weights), tmp_path / "mae")
     assert get_converter("mae") is convert
     record = json.loads((out / "conversion.json").read_text())
-    assert record["source_file"] == "mae_pretrain_vit_base.pth" and record["decoder_tensors_skipped"] == 0
+    assert record["source_file"] == "mae_pretrain_vit_base.pth" and record["decoder_tensors_skipped"] == 4
+    assert record["encoder_tensors"] == 6 + 12 * DEPTH
     with recording() as loaded:
         runtime = get_agent("mae").load(LoadRequest(tiny=False, student=STUDENT, source=Source(local_path=str(out))))
     assert [(r.missing, r.unexpected) for r in loaded] == [([], [])]  # the converted encoder fits exactly
@@ -71,10 +72,7 @@ def test_converted_mae_runs_as_the_paper_checkpoint(tmp_path):
                                rtol=1e-4)
 
 
-def test_decoder_tensors_are_skipped_other_keys_refused(tmp_path):
-    full = write_official(tmp_path / "full.pth", official_weights(decoder=True))
-    record = json.loads((convert(full, tmp_path / "from-full") / "conversion.json").read_text())
-    assert record["decoder_tensors_skipped"] == 4 and record["encoder_tensors"] == 6 + 12 * DEPTH
+def test_keys_other_than_the_encoder_and_decoder_are_refused(tmp_path):
     fine_tuned = {**official_weights(), "head.weight": torch.zeros(10, WIDTH), "fc_norm.weight": torch.ones(WIDTH)}
     with pytest.raises(ValueError, match=r"2 key\(s\) are not MAE encoder weights.*fc_norm"):
         convert(write_official(tmp_path / "finetuned.pth", fine_tuned), tmp_path / "out1")
