@@ -432,6 +432,7 @@ def _compare_existing(target: Path, manifest: dict) -> str:
     if existing.get("status") != "complete":
         raise PartialCacheError(f"{target} exists but is partial (an extraction is running or was interrupted); "
                                 "finish it, or delete it (`transagent cache gc --apply`), then pull again")
+    check_same_commit(existing, manifest, str(target), "the pack")
     if existing.get("fingerprint") != manifest["fingerprint"]:
         raise FingerprintMismatch(f"{target}: existing manifest fingerprint {existing.get('fingerprint')} differs "
                                   f"from the pack's {manifest['fingerprint']}")
@@ -472,6 +473,7 @@ def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeRes
     if diff:
         raise FingerprintMismatch(f"cannot merge {src} ({src.name}) into {dst} ({dst.name}): they differ in "
                                   f"{', '.join(diff)}", diff)
+    check_same_commit(dst_manifest, src_manifest, str(dst), str(src))
     problems = verify(src) + verify(dst)
     if problems:
         raise CorruptCacheError("cannot merge damaged caches:\n  " + "\n  ".join(problems))
@@ -507,6 +509,24 @@ def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeRes
     still_ours()
     cache.finalize()
     return MergeResult(len(new_rows), len(shared), new_files)
+
+
+def resolved_commit(manifest: dict) -> str | None:
+    """The hub commit a cache's rows were computed from; None for local or tiny weights (their content is in the
+    fingerprint) and for caches that did not record one."""
+    provenance = manifest.get("provenance") or {}
+    source = provenance.get("source")
+    return provenance.get("resolved_revision") or (source.get("commit") if isinstance(source, dict) else None)
+
+
+def check_same_commit(first: dict, second: dict, first_name: str, second_name: str) -> None:
+    """An agent without a pinned revision keeps its fingerprint when the hub's weights change, so rows of two
+    resolved commits must never be combined into one cache."""
+    a, b = resolved_commit(first), resolved_commit(second)
+    if a and b and a != b:
+        raise FingerprintMismatch(f"{first_name} was computed from hub commit {a} and {second_name} from {b}: same "
+                                  f"fingerprint, other weights; refusing to combine their rows (pin the agent's "
+                                  f"revision, or keep them in separate cache roots)", ["provenance.resolved_revision"])
 
 
 def _new_files(src: Path, dst: Path, src_manifest: dict) -> list[str]:

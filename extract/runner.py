@@ -23,7 +23,7 @@ from typing import Callable
 from cache_schema import AgentCache, read_json
 from cache_schema.fingerprint import sha256_file
 from cache_schema.lock import WriterLock, locked_message
-from cache_schema.pack import reading
+from cache_schema.pack import check_same_commit, reading
 from cache_schema.store import MANIFEST, ROWS, cache_dir, parse_rows, read_manifest, with_schema
 from extract.agents.base import AgentSpec, LoadRequest
 from extract.families import ExtractContext
@@ -213,6 +213,9 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
             AgentCache.open(cache_root, job.ctx.dataset, job.spec.name, fields, arrays, backend)
         barrier()
         cache = AgentCache.open(cache_root, job.ctx.dataset, job.spec.name, fields, arrays, backend)
+        # rows an earlier run computed from another hub commit are never extended with this run's
+        check_same_commit(cache.manifest, {"provenance": {"resolved_revision": resolved_revision(runtime)}},
+                          str(cache.path), "this run's weights")
         plan = cache.plan(needed_rows(job), world_size)  # ... every rank plans from the same disk state ...
         barrier()
         if rank == 0:  # ... and only then are new segments created
@@ -254,7 +257,7 @@ def waiting_for_lock(path: Path, holder, wait: float) -> None:
 def _record_provenance(cache: AgentCache, runtime, job: AgentJob) -> None:
     """Facts about this run that do not change the numbers: the resolved hub commit, the weights' source record,
     and the images `--on-error skip` left out (cleared again once a later run has them)."""
-    revision = getattr(runtime, "resolved_revision", None)
+    revision = resolved_revision(runtime)
     if revision:
         cache.set_provenance("resolved_revision", revision)
     source = getattr(runtime, "source", None)
@@ -265,6 +268,11 @@ def _record_provenance(cache: AgentCache, runtime, job: AgentJob) -> None:
     family_facts = getattr(family_module(job.spec.family), "provenance", None)  # e.g. a vision agent's depth
     for key, value in (family_facts(runtime, job.ctx) if family_facts else {}).items():
         cache.set_provenance(key, value)
+
+
+def resolved_revision(runtime) -> str | None:
+    source = getattr(runtime, "source", None)
+    return getattr(runtime, "resolved_revision", None) or (source.get("commit") if isinstance(source, dict) else None)
 
 
 def _compute_segments(cache, assignments, runtime, family, job, progress, state, monitor) -> None:

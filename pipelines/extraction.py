@@ -51,9 +51,9 @@ def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) ->
     after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made."""
     from cache_schema.views import ViewSpec
     from extract.agents import registry
-    from extract.agents.base import LoadRequest, Source
+    from extract.agents.base import LoadRequest
     from extract.families import ExtractContext
-    from extract.runner import AgentJob, local_weights
+    from extract.runner import AgentJob
     from pipelines.datasets import dataset_slug, load_dataset
     from pipelines.texts import check_settings, plan_texts
 
@@ -96,10 +96,7 @@ def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) ->
             views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
             token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
             options=agent_options)
-        source, weights = None, None
-        if name in options.agent_paths:
-            source = Source(local_path=str(options.agent_paths[name]))
-            weights = local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
+        source, weights = agent_weights(spec, options)
         request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
                               dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
                               options=agent_options)
@@ -127,6 +124,38 @@ def _vicuna_cache_conditioning(options: ExtractOptions, dataset, plan, jobs: lis
             return {"conditioning": "template"}
     path = planned_path(vicuna, options.cache_root)
     return {**plan.options, "vicuna_cache": path.name, "descriptions": str(path / "files" / "descriptions.json")}
+
+
+def agent_weights(spec, options: ExtractOptions) -> tuple:
+    """(source, identity) of an agent's real weights: a --agent-path directory (identified by its files' sha256),
+    or a published checkpoint converted under the weights root (identified by the checkpoint's sha256, known from
+    its pin without a download); (None, None) for hub agents and the tiny preset."""
+    from extract.agents.base import Source
+    from extract.runner import local_weights
+
+    if spec.name in options.agent_paths:
+        source = Source(local_path=str(options.agent_paths[spec.name]))
+        return source, local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
+    if options.preset == "tiny" or spec.source.url is None:
+        return None, None
+    from extract.weights import checkpoint
+
+    planned = checkpoint(spec, options.cache_root)
+    return Source(local_path=str(planned.converted)), planned.identity()
+
+
+def downloads_weights(job, options: ExtractOptions) -> bool:
+    """True if the job loads a published checkpoint that `agents check` downloads and converts first."""
+    return not job.request.tiny and job.spec.source.url is not None and job.spec.name not in options.agent_paths
+
+
+def skipped_agents(options: ExtractOptions, agents) -> dict[str, str]:
+    """Selected agents that cannot run as configured, and why: weights that need a manual step (a licence) and no
+    --agent-path. Extraction reports them in one line and goes on; --strict makes any skip an error."""
+    if options.preset == "tiny":
+        return {}
+    return {name: agents[name].manual_weights for name in resolve_agents(options.agents, tuple(agents))
+            if agents[name].manual_weights and name not in options.agent_paths}
 
 
 def check_agent_options(options: ExtractOptions, agents) -> None:

@@ -3,11 +3,13 @@ real tokens and L2-normalised, in the encoder's own space ([C, 384]); stage 2 us
 The official code has no BERT agent although the paper lists one (reference §3.0 row 7)."""
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, resolved_source, seeded
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents._loading import from_pretrained, load_model, resolved_source, seeded
+from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
 from extract.families.language import check_options, tiny_tokenizer
 
 SOURCE = Source(hub_id="sentence-transformers/all-MiniLM-L6-v2")
+ALLOWANCE = KeyAllowance(unexpected=("pooler.dense.*",),
+                         reason="the pooler is not run (features are masked means of the last hidden state)")
 MAX_LENGTH = 256
 TINY_CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
                "max_position_embeddings": MAX_LENGTH, "tokenizer": "character-level, built in code"}
@@ -57,8 +59,8 @@ def load(request: LoadRequest) -> BertRuntime:
                               add_pooling_layer=False)
         return BertRuntime(model, tokenizer, request.device, {"source": "tiny-random", "seed": request.seed})
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "bert")
-    model = from_pretrained(AutoModel.from_pretrained, source, "bert")
-    return BertRuntime(model, tokenizer, request.device, resolved_source(source, model.config))
+    model = load_model(AutoModel, source, "bert", ALLOWANCE, add_pooling_layer=False)
+    return BertRuntime(model, tokenizer, request.device, resolved_source(source))
 
 
 SPEC = AgentSpec(
@@ -75,4 +77,5 @@ SPEC = AgentSpec(
     load=load,
     tiny_config=TINY_CONFIG,
     description="Sentence-encoder (BERT family) features of the class prompts, in the encoder's own space",
+    allowance=ALLOWANCE,
 )

@@ -6,10 +6,9 @@ prompt's real tokens with the attention mask (the official code passed no mask a
 """
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, seeded, torch_dtype
+from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from extract.families.i2t import CLIP_MEAN, CLIP_STD, I2TAgent
-from extract.families.t2i import hub_commit
 
 HUB_ID = "Salesforce/blip2-opt-2.7b"
 IMAGE_SIZE = 224
@@ -75,7 +74,7 @@ def load(request: LoadRequest) -> Blip2:
         image_size, revision = cfg["image_size"], None
     else:
         source = request.source or SPEC.source
-        model = from_pretrained(Blip2Model.from_pretrained, source, "blip2", dtype=dtype)  # Q-Former stays float32
+        model = load_model(Blip2Model, source, "blip2", dtype=dtype)  # Q-Former stays float32
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "blip2")
         image_size, revision = IMAGE_SIZE, hub_commit(source, "config.json")
     return Blip2(model=model.to(request.device), tokenizer=tokenizer, image_size=image_size, device=request.device,

@@ -1,11 +1,14 @@
 """DINO ViT-B/16 (self-distillation, Caron et al. 2021): every block's patch tokens, CLS dropped, no final norm."""
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, resolved_source, seeded
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents._loading import load_model, resolved_source, seeded
+from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
 from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
 
 SOURCE = Source(hub_id="facebook/dino-vitb16")
+ALLOWANCE = KeyAllowance(unexpected=("pooler.dense.*",),
+                         reason="the pooler is not run (tokens are block outputs); facebook/dino-vitb16 has none, a "
+                                "copy saved from ViTModel's default has one")
 TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256,
                "image_size": 32, "patch_size": 8, "qkv_bias": True, "layer_norm_eps": 1e-6}
 
@@ -25,8 +28,8 @@ def load(request: LoadRequest) -> DinoRuntime:
             model = ViTModel(ViTConfig(**TINY_CONFIG), add_pooling_layer=False)
         source_record = {"source": "tiny-random", "seed": request.seed}
     else:
-        model = from_pretrained(ViTModel.from_pretrained, source, "dino", add_pooling_layer=False)
-        source_record = resolved_source(source, model.config)
+        model = load_model(ViTModel, source, "dino", ALLOWANCE, add_pooling_layer=False)
+        source_record = resolved_source(source)
     return DinoRuntime(model, request.student, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=request.device,
                        dtype=request.dtype, source=source_record)
 
@@ -46,4 +49,5 @@ SPEC = AgentSpec(
     tiny_config=TINY_CONFIG,
     depth=12,
     description="DINO ViT-B/16 patch tokens of every block (transformers ViTModel)",
+    allowance=ALLOWANCE,
 )

@@ -1,14 +1,25 @@
 """MAE ViT-B/16 (masked autoencoder, He et al. 2022), run unmasked and unshuffled so its output is deterministic.
 
+The weights are the paper's: FAIR's `mae_pretrain_vit_base.pth` (encoder only), downloaded and converted to a
+transformers ViTMAE directory at first use (`transagent agents convert mae`). The hub's facebook/vit-mae-base is
+most likely the visualisation checkpoint (trained with pixel targets, not normalised ones); it still loads through
+`--agent-path mae=DIR`, its decoder left unused.
+
 transformers' ViTMAEModel always shuffles patches by argsort(noise) and keeps (1 - mask_ratio) of them. With
 mask_ratio 0 and noise = 0, 1, 2, ... every patch is kept in raster order, whatever the RNG state."""
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, resolved_source, seeded
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents._loading import load_model, resolved_source, seeded
+from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
 from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
 
-SOURCE = Source(hub_id="facebook/vit-mae-base")
+URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
+SOURCE = Source(url=URL, converter="mae",
+                note="FAIR MAE pre-training checkpoint (encoder), downloaded and converted at first use; or "
+                     "`transagent agents convert mae <.pth> DIR` and --agent-path mae=DIR")
+ALLOWANCE = KeyAllowance(unexpected=("decoder.*",),
+                         reason="the pixel decoder of a pre-training checkpoint (e.g. facebook/vit-mae-base, "
+                                "ViTMAEForPreTraining) is not run: the encoder's blocks are the agent")
 TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256,
                "image_size": 32, "patch_size": 8, "qkv_bias": True, "layer_norm_eps": 1e-6}
 
@@ -39,8 +50,12 @@ def load(request: LoadRequest) -> MaeRuntime:
             model = ViTMAEModel(ViTMAEConfig(**TINY_CONFIG, mask_ratio=0.0))
         source_record = {"source": "tiny-random", "seed": request.seed}
     else:
-        model = from_pretrained(ViTMAEModel.from_pretrained, source, "mae", mask_ratio=0.0)
-        source_record = resolved_source(source, model.config)
+        if source.local_path is None and source.hub_id is None:
+            raise ValueError(f"agent 'mae' loads a converted directory: `transagent extract` downloads {URL} and "
+                             f"converts it; by hand: `transagent agents convert mae <.pth> DIR`, then "
+                             f"--agent-path mae=DIR")
+        model = load_model(ViTMAEModel, source, "mae", ALLOWANCE, mask_ratio=0.0)
+        source_record = resolved_source(source)
     return MaeRuntime(model, request.student, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=request.device,
                       dtype=request.dtype, source=source_record)
 
@@ -61,4 +76,5 @@ SPEC = AgentSpec(
     tiny_config=TINY_CONFIG,
     depth=12,
     description="MAE ViT-B/16 encoder patch tokens of every block, unmasked (transformers ViTMAEModel)",
+    allowance=ALLOWANCE,
 )

@@ -7,9 +7,9 @@ all-ones attention mask. All cross-attention layers are captured; they share one
 """
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, seeded, torch_dtype
+from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.t2i import T2IAgent, hub_commit, timesteps
+from extract.families.t2i import T2IAgent, timesteps
 
 HUB_ID = "PixArt-alpha/PixArt-XL-2-512x512"
 REVISION = "50f702106901db6d0f8b67eb88e814c56ded2692"
@@ -95,11 +95,9 @@ def load(request: LoadRequest) -> PixArtAlpha:
         image_size, revision = cfg["image_size"], None
     else:
         source = request.source or SPEC.source
-        transformer = from_pretrained(PixArtTransformer2DModel.from_pretrained, source, "pixart",
-                                      subfolder="transformer", dtype=dtype)
-        vae = from_pretrained(AutoencoderKL.from_pretrained, source, "pixart", subfolder="vae", dtype=torch.float32)
-        text_encoder = from_pretrained(T5EncoderModel.from_pretrained, source, "pixart", subfolder="text_encoder",
-                                       dtype=text_dtype)
+        transformer = load_model(PixArtTransformer2DModel, source, "pixart", subfolder="transformer", dtype=dtype)
+        vae = load_model(AutoencoderKL, source, "pixart", subfolder="vae", dtype=torch.float32)
+        text_encoder = load_model(T5EncoderModel, source, "pixart", subfolder="text_encoder", dtype=text_dtype)
         tokenizer = from_pretrained(T5Tokenizer.from_pretrained, source, "pixart", subfolder="tokenizer")
         image_size, revision = IMAGE_SIZE, hub_commit(source, "model_index.json")
     return PixArtAlpha(transformer=transformer.to(request.device), vae=vae.to(request.device),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-from extract.agents._loading import from_pretrained, resolved_source, seeded
+from extract.agents._loading import load_model, resolved_source, seeded
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from extract.families.vision import GRID_POLICY, VisionRuntime
 
@@ -80,8 +80,8 @@ def load(request: LoadRequest) -> SamRuntime:
             native = SamVisionEncoder(SamVisionConfig(**TINY_CONFIG))
         source_record = {"source": "tiny-random", "seed": request.seed}
     else:
-        full = from_pretrained(SamModel.from_pretrained, source, "sam")  # prompt encoder and mask decoder unused
-        native, source_record = full.vision_encoder, resolved_source(source, full.config)
+        full = load_model(SamModel, source, "sam")  # prompt encoder and mask decoder loaded (strictly), unused
+        native, source_record = full.vision_encoder, resolved_source(source)
     return SamRuntime(at_image_size(native, request.student.image_size), request.student, mean=SAM_PIXEL_MEAN,
                       std=SAM_PIXEL_STD, pixel_scale=255.0, device=request.device, dtype=request.dtype,
                       source=source_record)

@@ -8,9 +8,9 @@ same feature of the class prompt (the official per-dataset template), L2-normali
 """
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, seeded, torch_dtype
+from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.t2i import T2IAgent, hub_commit, timesteps
+from extract.families.t2i import T2IAgent, timesteps
 
 HUB_ID = "CompVis/stable-diffusion-v1-4"
 REVISION = "133a221b8aa7292a167afc5127cb63fb5005638b"
@@ -107,10 +107,9 @@ def load(request: LoadRequest) -> StableDiffusion:
         image_size, revision = cfg["image_size"], None
     else:
         source = request.source or SPEC.source
-        unet = from_pretrained(UNet2DConditionModel.from_pretrained, source, "sd", subfolder="unet", dtype=dtype)
-        vae = from_pretrained(AutoencoderKL.from_pretrained, source, "sd", subfolder="vae", dtype=torch.float32)
-        text_encoder = from_pretrained(CLIPTextModel.from_pretrained, source, "sd", subfolder="text_encoder",
-                                       dtype=dtype)
+        unet = load_model(UNet2DConditionModel, source, "sd", subfolder="unet", dtype=dtype)
+        vae = load_model(AutoencoderKL, source, "sd", subfolder="vae", dtype=torch.float32)
+        text_encoder = load_model(CLIPTextModel, source, "sd", subfolder="text_encoder", dtype=dtype)
         tokenizer = from_pretrained(CLIPTokenizer.from_pretrained, source, "sd", subfolder="tokenizer")
         image_size, revision = IMAGE_SIZE, hub_commit(source, "model_index.json")
     return StableDiffusion(unet=unet.to(request.device), vae=vae.to(request.device),

@@ -13,11 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from extract.agents._loading import seeded, torch_dtype
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
 from extract.families.i2t import CLIP_MEAN, CLIP_STD, I2TAgent
 
 IMAGE_SIZE = 224
 VISION_LAYER = -2
+ALLOWANCE = KeyAllowance(unexpected=("lm_head.weight",),
+                         reason="the converted LLaMA keeps its LM head, which is not run: class features are "
+                                "hidden states")
+MANUAL_WEIGHTS = ("Shikra-7B is published only as a delta over the licensed LLaMA-7B: convert it with `transagent "
+                  "agents convert shikra <shikra-7b-delta dir> <DIR> --base <llama-7b dir>` and pass "
+                  "--agent-path shikra=<DIR>")
 
 TINY_CONFIG = {
     "image_size": 32,
@@ -86,9 +92,7 @@ def load(request: LoadRequest) -> Shikra:
 
         source = request.source or SPEC.source
         if source.local_path is None:
-            raise ValueError("agent 'shikra' needs a local directory: Shikra-7B is published only as a delta over "
-                             "LLaMA-7B. Convert it with `transagent agents convert shikra <shikra-7b-delta dir> <DIR> "
-                             "--base <llama-7b dir>` and pass --agent-path shikra=<DIR>.")
+            raise ValueError(f"agent 'shikra' needs a local directory: {MANUAL_WEIGHTS}.")
         vision_tower, projector, language_model, tokenizer = load_converted(Path(source.local_path), dtype)
         image_size = IMAGE_SIZE
     return Shikra(vision_tower=vision_tower.to(request.device), projector=projector.to(request.device),
@@ -111,4 +115,6 @@ SPEC = AgentSpec(
     load=load,
     tiny_config=TINY_CONFIG,
     description="Shikra-7B: cosine of the projected CLIP-L patch features and each class's LLaMA feature [C].",
+    allowance=ALLOWANCE,
+    manual_weights=MANUAL_WEIGHTS,
 )

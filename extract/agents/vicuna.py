@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from extract.agents._loading import from_pretrained, seeded, torch_dtype
+from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from extract.families.language import ClipTextEncoder, check_options, read_descriptions, tiny_tokenizer
 
@@ -115,10 +115,16 @@ class VicunaRuntime:
                                                      skip_special_tokens=True).split()))
         return [answer for answer in answers if answer]
 
+    def preflight(self):
+        """What `agents check` loads beyond `load`: the LLM, when descriptions are generated rather than read."""
+        if "descriptions" not in self.request.options:
+            self.llm()
+
     def llm(self):
         if self._llm is None:
             self._llm = load_llm(self.request)
-            self.source["commit"] = getattr(self._llm[0].config, "_commit_hash", None)
+            if not self.request.tiny:
+                self.source["commit"] = hub_commit(self.request.source or SOURCE)
         return self._llm
 
 
@@ -136,8 +142,7 @@ def load_llm(request: LoadRequest):
     else:
         source = request.source or SOURCE
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "vicuna")
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, source, "vicuna",
-                                dtype=torch_dtype(request.dtype))
+        model = load_model(AutoModelForCausalLM, source, "vicuna", dtype=torch_dtype(request.dtype))
     return model.to(request.device).eval().requires_grad_(False), tokenizer
 
 

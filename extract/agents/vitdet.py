@@ -7,12 +7,15 @@ windowed blocks attend within their windows, as in detectron2; position tables a
 grid the way detectron2 does (absolute: bicubic without the CLS slot; relative: linear)."""
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, resolved_source, seeded
+from extract.agents._loading import load_model, resolved_source, seeded
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime
 
-SOURCE = Source(note="local path only: `transagent agents convert vitdet <detectron2 .pkl/.pth> DIR`, "
-                     "then --agent-path vitdet=DIR (COCO mask_rcnn_vitdet_b/f325346929/model_final_61ccd1.pkl)")
+URL = ("https://dl.fbaipublicfiles.com/detectron2/ViTDet/COCO/mask_rcnn_vitdet_b/f325346929/"
+       "model_final_61ccd1.pkl")
+SOURCE = Source(url=URL, converter="vitdet",
+                note="detectron2 COCO Mask R-CNN ViTDet-B checkpoint, downloaded and converted at first use; or "
+                     "`transagent agents convert vitdet <.pkl/.pth> DIR` and --agent-path vitdet=DIR")
 # image_size 64 plays the role of 1024 (global rel-pos tables longer than the student grid needs),
 # pretrain_image_size 32 the role of 224, window 4 the role of 14.
 TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "mlp_ratio": 4,
@@ -38,9 +41,11 @@ def load(request: LoadRequest) -> VitDetRuntime:
     else:
         source = request.source or SOURCE
         if source.local_path is None:
-            raise ValueError(f"agent 'vitdet' needs a local path: {SOURCE.note}")
-        model = from_pretrained(VitDetModel.from_pretrained, source, "vitdet")
-        source_record = resolved_source(source, model.config)
+            raise ValueError(f"agent 'vitdet' loads a converted directory: `transagent extract` downloads {URL} and "
+                             f"converts it; by hand: `transagent agents convert vitdet <.pkl> DIR`, then "
+                             f"--agent-path vitdet=DIR")
+        model = load_model(VitDetModel, source, "vitdet")
+        source_record = resolved_source(source)
     return VitDetRuntime(model, request.student, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=request.device,
                          dtype=request.dtype, source=source_record)
 

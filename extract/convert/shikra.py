@@ -20,6 +20,8 @@ import json
 import shutil
 from pathlib import Path
 
+from extract.agents.base import KeyAllowance
+
 FORMAT = "transagent-shikra"
 VERSION = 1
 MANIFEST = "shikra.json"
@@ -33,6 +35,9 @@ GROWN_KEYS = ("model.embed_tokens.weight", "lm_head.weight")  # may carry extra 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 SHARD_BYTES = 5 * 2**30
+CLIP_TOWER_ALLOWANCE = KeyAllowance(
+    unexpected=("text_model.*", "text_projection.*", "visual_projection.*", "logit_scale"),
+    reason="openai/clip-vit-large-patch14 is a full CLIPModel: its text tower and projections are not the vision tower")
 
 
 def convert(source: Path, output: Path, *, base: Path, vision_tower: str = CLIP_L14, dtype: str = "float16",
@@ -45,7 +50,7 @@ def convert(source: Path, output: Path, *, base: Path, vision_tower: str = CLIP_
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, LlamaConfig
 
-    from extract.agents._loading import from_pretrained, torch_dtype
+    from extract.agents._loading import load_model, torch_dtype
     from extract.agents.base import Source
 
     base, delta, out = Path(base), Path(source), Path(output)
@@ -57,7 +62,7 @@ def convert(source: Path, output: Path, *, base: Path, vision_tower: str = CLIP_
     target_dtype = torch_dtype(dtype)
     # The vision tower first: a missing download fails before minutes of merging.
     tower = Source(local_path=vision_tower) if Path(vision_tower).is_dir() else Source(hub_id=vision_tower)
-    vision_model = from_pretrained(CLIPVisionModel.from_pretrained, tower, "shikra", dtype=target_dtype)
+    vision_model = load_model(CLIPVisionModel, tower, "shikra", CLIP_TOWER_ALLOWANCE, dtype=target_dtype)
     config = LlamaConfig.from_pretrained(base)
     language, projector = apply_delta(read_state_dict(base), read_state_dict(delta), target_dtype)
     config.vocab_size = language["model.embed_tokens.weight"].shape[0]
@@ -176,10 +181,15 @@ def copy_tokenizer(source: Path, target: Path) -> None:
 
 
 def load_converted(directory: Path, dtype):
-    """(vision tower, projector, LLaMA model, tokenizer) from a directory written by `convert`."""
+    """(vision tower, projector, LLaMA model, tokenizer) from a directory written by `convert`. Every part loads
+    strictly: only the LM head (unused: class features are hidden states) may be left out of the LLaMA model."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, CLIPVisionModel, LlamaModel
+
+    from extract.agents._loading import load_model
+    from extract.agents.base import Source
+    from extract.agents.shikra import ALLOWANCE
 
     directory = Path(directory)
     manifest_path = directory / MANIFEST
@@ -190,10 +200,12 @@ def load_converted(directory: Path, dtype):
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{manifest_path}: format {manifest.get('format')} v{manifest.get('version')}, "
                          f"expected {FORMAT} v{VERSION}; convert again")
-    vision_tower = CLIPVisionModel.from_pretrained(directory / VISION_DIR, dtype=dtype)
-    language_model = LlamaModel.from_pretrained(directory / LANGUAGE_DIR, dtype=dtype)
+    vision_tower = load_model(CLIPVisionModel, Source(local_path=str(directory)), "shikra", subfolder=VISION_DIR,
+                              dtype=dtype)
+    language_model = load_model(LlamaModel, Source(local_path=str(directory)), "shikra", ALLOWANCE,
+                                subfolder=LANGUAGE_DIR, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory / LANGUAGE_DIR)
     weights = load_file(directory / PROJECTOR_FILE)
     projector = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0], dtype=dtype)
-    projector.load_state_dict(weights)
+    projector.load_state_dict(weights, strict=True)
     return vision_tower, projector, language_model, tokenizer

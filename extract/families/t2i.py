@@ -304,19 +304,3 @@ def l2_normalise(features):
     import torch.nn.functional as F
 
     return F.normalize(features.float(), dim=-1)
-
-
-def hub_commit(source, filename: str) -> str | None:
-    """The commit a hub download resolved to, read from the Hugging Face cache (transformers 5 no longer puts it on
-    the config); None for local paths or when the file is not cached."""
-    from pathlib import Path
-
-    from huggingface_hub import try_to_load_from_cache
-
-    if source.local_path is not None or source.hub_id is None:
-        return None
-    path = try_to_load_from_cache(source.hub_id, filename, revision=source.revision)
-    if not isinstance(path, str):
-        return None
-    parts = Path(path).parts
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None

@@ -1,4 +1,5 @@
-"""`transagent agents ls|convert`: what each agent is and emits; convert checkpoints that are not on the hub."""
+"""`transagent agents ls|check|convert`: what each agent is and emits, the loading preflight, and conversions of
+checkpoints that are not on the hub."""
 from __future__ import annotations
 
 import inspect
@@ -16,7 +17,7 @@ CONVERT_FLAGS = {"base": "--base", "vision_tower": "--vision-tower", "dtype": "-
 
 @click.group()
 def agents():
-    """The teacher agents: list them, convert checkpoints published in other formats."""
+    """The teacher agents: list them, check that they load, convert checkpoints published in other formats."""
 
 
 @agents.command("ls")
@@ -50,8 +51,10 @@ def ls(preset, agents, as_json):
         click.echo(f"{indent}emits: {', '.join(entry['emits'])}")
         click.echo(f"{indent}{entry['description']}")
     if preset == "paper":
-        click.echo("Any agent loads from a local transformers-format copy with `extract --agent-path NAME=DIR`; "
-                   "vitdet and shikra need one (`transagent agents convert`).")
+        click.echo("Any agent loads from a local transformers-format copy with `extract --agent-path NAME=DIR`. "
+                   "vitdet and mae are downloaded and converted at first use (by hand: `transagent agents convert "
+                   "vitdet|mae FILE DIR`, then --agent-path vitdet=DIR); shikra needs --agent-path shikra=DIR "
+                   "(`transagent agents convert shikra`), else it is skipped.")
 
 
 def describe(spec, preset: str) -> dict:
@@ -60,6 +63,83 @@ def describe(spec, preset: str) -> dict:
               else spec.source.describe())
     return {"name": spec.name, "family": spec.family, "source": source, "emits": list(spec.emits),
             "description": spec.description}
+
+
+def _parse_ints(ctx, param, value):
+    from pipelines.commands.extract import _parse_ints as parse
+
+    return parse(ctx, param, value)
+
+
+@agents.command()
+@click.option("--dataset", default=None,
+              help="Also estimate each agent's cache for this dataset and give --forward its images.")
+@click.option("--protocol", type=click.Choice(["base2novel", "fewshot", "all"]), default="base2novel",
+              show_default=True, help="With --dataset: the training images extract would cache.")
+@click.option("--shots", default="16", show_default=True, callback=_parse_ints, help="With --dataset, e.g. 1,16.")
+@opt.seeds
+@opt.data_root
+@opt.cache_root
+@opt.preset
+@opt.agents
+@click.option("--agent-path", "agent_paths", multiple=True, callback=opt.parse_agent_pairs,
+              help="AGENT=PATH: load an agent from a local directory, as extract does.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+@click.option("--dtype", "compute_dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default="auto", show_default=True, help="Compute dtype (auto: float16 on a GPU, float32 on the CPU).")
+@click.option("--forward", is_flag=True, help="Also run one batch of --dataset and measure its peak memory.")
+@click.option("--strict", is_flag=True, help="A skipped agent (e.g. shikra without --agent-path) is an error too.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per agent instead of the rows.")
+def check(dataset, protocol, shots, seeds, data_root, cache_root, preset, agents, agent_paths, device, compute_dtype,
+          forward, strict, as_json):
+    """Load each agent as extract would (one at a time, then freed) and report it; exit 1 if any cannot run.
+
+    A row: source (hub id@revision or local path), resolved commit, parameters, dtype, the missing/unexpected
+    keys its allowance let through, weights sha256, device memory (exact weight bytes, + one batch with --forward)
+    and the cache it would write for --dataset.
+    """
+    from pipelines.agent_check import format_result, plan, run_checks, skipped_results, summary
+    from pipelines.datasets import DatasetError
+    from pipelines.extraction import ExtractOptions
+
+    if forward and dataset is None:
+        raise click.UsageError("--forward runs one batch of a dataset: give --dataset")
+    if device == "auto":
+        from pipelines.commands.extract import _resolve_device
+
+        device = _resolve_device(device)
+    dtype = compute_dtype if compute_dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    options = ExtractOptions(dataset=dataset or "", data_root=data_root, cache_root=cache_root, preset=preset,
+                             agents=agents, device=device, agent_paths=agent_paths, shots=tuple(shots),
+                             seeds=tuple(seeds), protocols=("base2novel", "fewshot") if protocol == "all" else
+                             (protocol,))
+    try:
+        items, skipped = plan(options, with_dataset=dataset is not None)
+    except (ValueError, OSError, KeyError, DatasetError) as error:
+        raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
+    if preset == "tiny":
+        from pipelines.presets import register_model_configs
+
+        register_model_configs()
+    for item in items:
+        item.request.device, item.request.dtype = device, dtype
+        if item.ctx is not None:
+            item.ctx.device = device
+
+    def show(result):
+        click.echo(json.dumps(result.to_dict()) if as_json else format_result(result))
+
+    results = run_checks(items, options, forward=forward, say=lambda line: click.echo(line, err=True),
+                         on_result=show)
+    for result in skipped_results(skipped):
+        show(result)
+        results.append(result)
+    click.echo(summary(results), err=as_json)
+    failed = [result.agent for result in results if result.status == "failed"]
+    if failed or (strict and skipped):
+        reasons = ([f"cannot run: {', '.join(failed)}"] if failed else []) + (
+            [f"skipped under --strict: {', '.join(skipped)}"] if strict and skipped else [])
+        raise click.ClickException("; ".join(reasons))
 
 
 @agents.command()
@@ -77,6 +157,7 @@ def convert(name, source, output, base, vision_tower, dtype):
 
     \b
     vitdet SOURCE OUTPUT                 detectron2 .pkl/.pth (e.g. model_final_61ccd1.pkl)
+    mae SOURCE OUTPUT                    FAIR MAE pre-training .pth (e.g. mae_pretrain_vit_base.pth)
     shikra DELTA OUTPUT --base LLAMA_DIR [--vision-tower ID_OR_DIR] [--dtype float16]
     """
     from extract.convert import converters

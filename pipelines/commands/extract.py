@@ -62,7 +62,8 @@ def _positive_bytes(ctx, param, value):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
 @click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--agent-path", "agent_paths", multiple=True, callback=opt.parse_agent_pairs,
-              help="AGENT=PATH: load an agent from a local directory (required for vitdet and shikra).")
+              help="AGENT=PATH: load an agent from a local directory (shikra needs one, else it is skipped; "
+                   "vitdet and mae are otherwise downloaded and converted).")
 @click.option("--descriptions", "descriptions", multiple=True, callback=opt.parse_agent_pairs,
               help="AGENT=FILE: class descriptions JSON for gpt3 or vicuna, instead of the official file that "
                    "`datasets prepare` fetches (e.g. gpt3=gpt3_eurosat.json).")
@@ -75,15 +76,18 @@ def _positive_bytes(ctx, param, value):
               help="A needed image is missing or unreadable: stop before any model loads, or leave it out "
                    "(listed in the log and in the cache manifest).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and size estimate, write nothing.")
+@click.option("--strict", is_flag=True,
+              help="An agent that would be skipped (e.g. shikra without --agent-path) is an error.")
 @opt.wait
 def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views,
             view_seed, layers, token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions,
-            agent_settings, log_path, on_error, dry_run, wait):
+            agent_settings, log_path, on_error, dry_run, wait, strict):
     """Stage 1: run each agent once and cache what it knows."""
     from cache_schema import CacheError
+    from extract.agents import registry
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
     from pipelines.datasets import DatasetError, dataset_slug
-    from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
+    from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes, skipped_agents
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     protocols = ("base2novel", "fewshot") if protocol == "all" else (protocol,)
@@ -97,8 +101,15 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
     try:
         ready = _prepare_dataset(options, world_size, download=not dry_run, echo=say)
         jobs = build_jobs(options, ready, echo=say)
+        skipped = skipped_agents(options, registry())
     except (ValueError, OSError, KeyError, DatasetError) as error:
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
+    if skipped:
+        line = f"skipped {len(skipped)} agent(s): " + "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        if strict:
+            raise click.ClickException(f"{line} (--strict)")
+        say(f"{line} (--strict makes this an error)")
+        jobs = [job for job in jobs if job.spec.name not in skipped]
     try:
         todo = [job for job in jobs if not is_complete(job, cache_root)]
     except CacheError as error:
@@ -145,6 +156,9 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
         from pipelines.presets import register_model_configs
 
         register_model_configs()
+    todo = _preflight(todo, options, say)
+    if not todo:
+        return
     barrier = _distributed_barrier(world_size, device)
     try:
         reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
@@ -188,6 +202,29 @@ def _prepare_dataset(options, world_size: int, download: bool, echo):
         return None
     return prepare(options.dataset, options.data_root, download=download, verify=False, descriptions=wanted,
                    echo=echo)
+
+
+def _preflight(todo: list, options, say) -> list:
+    """Before any extraction: download and convert published checkpoints, then load every agent that still has
+    work (`agents check`), so a checkpoint that cannot load fails now, not hours in, with every problem listed.
+    The tiny preset builds its agents from code, with nothing to download or verify."""
+    from extract.runner import is_complete
+    from pipelines.agent_check import format_result, items_from_jobs, run_checks, summary
+
+    if options.preset == "tiny":
+        say("agents check: the tiny preset builds every agent from its config (nothing to download or verify)")
+        return todo
+    items = items_from_jobs(todo, options)
+    results = run_checks(items, options, say=say, on_result=lambda result: say(format_result(result)))
+    say(summary(results))
+    failed = [result for result in results if result.status == "failed"]
+    if failed:
+        raise click.ClickException("agents check failed, nothing was extracted:\n" +
+                                   "\n".join(f"agent {result.agent} failed: {result.error}" for result in failed))
+    weights = {item.spec.name: item.weights for item in items if item.downloads}  # now with the checkpoint's sha256
+    for job in todo:
+        job.weights = weights.get(job.spec.name, job.weights)
+    return [job for job in todo if not is_complete(job, options.cache_root)]  # a pin can name a finished cache
 
 
 def _destroy_process_group(world_size: int) -> None:
