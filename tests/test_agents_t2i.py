@@ -268,6 +268,8 @@ def test_resolved_commit_is_read_from_the_hub_cache(monkeypatch, tmp_path):
     """The manifest records the commit a hub id resolved to; it is read from the Hugging Face cache layout."""
     import huggingface_hub.constants
 
+    from extract.agents._loading import hub_commit
+
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--CompVis--stable-diffusion-v1-4"
     (repo / "snapshots" / commit).mkdir(parents=True)
@@ -275,10 +277,10 @@ def test_resolved_commit_is_read_from_the_hub_cache(monkeypatch, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    assert t2i.hub_commit(Source(hub_id="CompVis/stable-diffusion-v1-4"), "model_index.json") == commit
-    assert t2i.hub_commit(Source(hub_id="CompVis/stable-diffusion-v1-4", revision=commit), "model_index.json") == commit
-    assert t2i.hub_commit(Source(hub_id="PixArt-alpha/PixArt-XL-2-512x512"), "model_index.json") is None
-    assert t2i.hub_commit(Source(local_path=str(tmp_path)), "model_index.json") is None
+    assert hub_commit(Source(hub_id="CompVis/stable-diffusion-v1-4"), "model_index.json") == commit
+    assert hub_commit(Source(hub_id="CompVis/stable-diffusion-v1-4", revision=commit), "model_index.json") == commit
+    assert hub_commit(Source(hub_id="PixArt-alpha/PixArt-XL-2-512x512"), "model_index.json") is None
+    assert hub_commit(Source(local_path=str(tmp_path)), "model_index.json") is None
 
 
 DESCRIPTIONS = {  # as a Vicuna descriptions file spells its keys (case and '_' differ from the class names)
