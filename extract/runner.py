@@ -74,7 +74,7 @@ def cache_fields(job: AgentJob) -> dict:
     """Everything that changes this agent's numbers. Computable without loading the model."""
     fields = {
         "agent": job.spec.fingerprint_fields(job.request.tiny),
-        "dataset": job.ctx.dataset_fields or {"name": job.ctx.dataset, "split_hash": job.ctx.split_hash},
+        "dataset": {**(job.ctx.dataset_fields or {"name": job.ctx.dataset}), "split_hash": job.ctx.split_hash},
         "family": family_module(job.spec.family).fingerprint_fields(job.ctx),
     }
     if job.weights is not None:  # a local directory: its content, not its path, is the identity
