@@ -46,9 +46,10 @@ def student_info(preset: str):
     return StudentInfo(spec.model, spec.pretrained, spec.image_size, spec.patch_size, spec.width, spec.layers)
 
 
-def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) -> list:
+def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None, skipped: dict | None = None) -> list:
     """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set); sd
-    after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made."""
+    after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made;
+    `skipped`, when given, collects the agents left out (name -> why) instead."""
     from cache_schema.views import ViewSpec
     from extract.agents import registry
     from extract.agents.base import LoadRequest
@@ -81,7 +82,10 @@ def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None) ->
         spec = agents[name]
         plan = plan_texts(dataset, name, files, options.agent_settings)
         if plan.skip:
-            echo(plan.skip)
+            if skipped is None:
+                echo(plan.skip)
+            else:
+                skipped[name] = plan.skip.removeprefix(f"{name}: ").removeprefix("skipped, ")
             continue
         if plan.note:
             echo(plan.note)

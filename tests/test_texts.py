@@ -160,3 +160,19 @@ def test_agent_option_flag_parsing():
     for bad in ("vicuna=generate", ":descriptions=generate", "vicuna:=x", "vicuna:descriptions"):
         with pytest.raises(click.BadParameter, match="AGENT:KEY=VALUE"):
             parse_agent_settings(None, None, [bad])
+
+
+def test_strict_turns_a_text_skip_into_an_error(tmp_path):
+    """gpt3 on a folder dataset without descriptions is skipped in one line; --strict refuses to skip it."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    name = folder_dataset(tmp_path / "data")
+    args = ["extract", "--dataset", name, "--data-root", tmp_path / "data", "--cache-root", tmp_path / "cache",
+            "--preset", "tiny", "--agents", "gpt3,bert", "--shots", "1", "--dry-run"]
+    lenient = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert lenient.exit_code == 0, lenient.output
+    assert "skipped 1 agent(s): gpt3: folder:lab has no official GPT-3 descriptions" in lenient.output
+    strict = CliRunner().invoke(main, [str(arg) for arg in [*args, "--strict"]])
+    assert strict.exit_code == 1 and "gpt3" in strict.output and "(--strict)" in strict.output, strict.output

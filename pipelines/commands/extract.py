@@ -100,8 +100,8 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
     say = click.echo if rank == 0 else (lambda *a, **k: None)
     try:
         ready = _prepare_dataset(options, world_size, download=not dry_run, echo=say)
-        jobs = build_jobs(options, ready, echo=say)
-        skipped = skipped_agents(options, registry())
+        skipped = skipped_agents(options, registry())  # weights that need a manual step
+        jobs = build_jobs(options, ready, echo=say, skipped=skipped)  # + texts a dataset lacks (e.g. gpt3's)
     except (ValueError, OSError, KeyError, DatasetError) as error:
         raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
     if skipped:
