@@ -137,11 +137,15 @@ def pack_members(cache_dir) -> list[str]:
     return [MANIFEST] + sorted(found)
 
 
-def pack_cache(cache_dir, out) -> PackInfo:
+def pack_cache(cache_dir, out, callback=None) -> PackInfo:
     """Write a complete cache as one deterministic tar. Every checksummed file is hashed while it is copied;
-    a mismatch aborts and leaves no pack behind."""
+    a mismatch aborts and leaves no pack behind. `callback` (fsspec's `set_size`/`relative_update`) follows
+    the bytes copied."""
     cache_dir, out = Path(cache_dir), Path(out)
     manifest = _complete_manifest(cache_dir)
+    members = pack_members(cache_dir)
+    if callback is not None:
+        callback.set_size(sum(p.stat().st_size for p in (cache_dir / m for m in members) if p.is_file()))
     fp = cache_dir.name
     checksums = manifest["checksums"]
     temporary = out.with_name(out.name + ".tmp")
@@ -150,7 +154,7 @@ def pack_cache(cache_dir, out) -> PackInfo:
             sink = _HashingWriter(raw)
             with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 tar.addfile(_tar_info(fp, is_dir=True))
-                for relative in pack_members(cache_dir):
+                for relative in members:
                     path = cache_dir / relative
                     if path.is_symlink() or not (path.is_file() or path.is_dir()):
                         raise CacheError(f"{path}: a cache holds only plain files and directories")
@@ -158,7 +162,7 @@ def pack_cache(cache_dir, out) -> PackInfo:
                         tar.addfile(_tar_info(f"{fp}/{relative}", is_dir=True))
                         continue
                     with open(path, "rb") as handle:
-                        source = _HashingReader(handle)
+                        source = _HashingReader(handle, callback)
                         tar.addfile(_tar_info(f"{fp}/{relative}", size=os.fstat(handle.fileno()).st_size), source)
                     if relative in checksums and source.hexdigest() != checksums[relative]:
                         raise CorruptCacheError(f"{cache_dir}: checksum mismatch in {relative}; "
@@ -197,12 +201,14 @@ def _tar_info(name: str, size: int = 0, is_dir: bool = False) -> tarfile.TarInfo
 
 
 class _HashingReader:
-    def __init__(self, handle):
-        self._handle, self._digest = handle, hashlib.sha256()
+    def __init__(self, handle, callback=None):
+        self._handle, self._digest, self._callback = handle, hashlib.sha256(), callback
 
     def read(self, size=-1):
         data = self._handle.read(size)
         self._digest.update(data)
+        if self._callback is not None:
+            self._callback.relative_update(len(data))
         return data
 
     def hexdigest(self) -> str:
@@ -373,11 +379,12 @@ class MergeResult:
     added_files: list[str]
 
 
-def merge(src, dst, batch_rows: int = 64) -> MergeResult:
+def merge(src, dst, batch_rows: int = 64, callback=None) -> MergeResult:
     """Add the rows and files of cache `src` to cache `dst` (same fingerprint). New rows go into a new segment
     after dst's last; rows both hold must be byte-identical (else MergeConflict naming the key). Every check
     happens before dst is touched. A merge killed while copying leaves dst partial (its new segment unfinished):
-    `transagent extract` with the cache's options finishes it, or restore dst from its pack."""
+    `transagent extract` with the cache's options finishes it, or restore dst from its pack. `callback` (fsspec's
+    `set_size`/`relative_update`) follows the rows compared and copied."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CacheError(f"cannot merge {src} into itself")
@@ -393,6 +400,8 @@ def merge(src, dst, batch_rows: int = 64) -> MergeResult:
     names = tuple(dst_manifest["arrays"])
     source, target = CacheReader(src, memmap_arrays=names), CacheReader(dst, memmap_arrays=names)
     shared = [row for row in source.rows if target.has(row)]
+    if callback is not None:
+        callback.set_size(len(source.rows))
     for start in range(0, len(shared), batch_rows):
         batch = shared[start:start + batch_rows]
         for name in names:
@@ -401,6 +410,8 @@ def merge(src, dst, batch_rows: int = 64) -> MergeResult:
                 if mine[i].tobytes() != theirs[i].tobytes():
                     raise MergeConflict(f"row (key {row[0]!r}, view {row[1]}) of array {name!r} differs between "
                                         f"{src} and {dst}; refusing to overwrite it")
+        if callback is not None:
+            callback.relative_update(len(batch))
     new_files = _new_files(src, dst)
     new_rows = [row for row in source.rows if not target.has(row)]
     if not new_rows and not new_files:
@@ -414,6 +425,8 @@ def merge(src, dst, batch_rows: int = 64) -> MergeResult:
                 local = local_rows[start:start + batch_rows]
                 rows = [writer.rows[i] for i in local]
                 writer.write(local, {name: source.read(name, rows) for name in names})
+                if callback is not None:
+                    callback.relative_update(len(local))
     for relative in new_files:
         cache.add_file(relative, (src / FILES / relative).read_bytes())
     merged = cache.manifest.setdefault("provenance", {}).get("merged", [])

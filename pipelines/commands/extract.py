@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import click
 
 from pipelines import options as opt
+from pipelines import progress as bars
+from pipelines.launch import LAUNCH_PARAMS
 
 MAX_LISTED = 10  # bad images named in an error
 
@@ -32,7 +35,8 @@ def _parse_ints(ctx, param, value):
 
 
 @click.command()
-@opt.dataset
+@click.option("--datasets", "--dataset", "datasets", default="eurosat", show_default=True,
+              help="Dataset name, or comma-separated names (one after another; one submission with submitit).")
 @opt.data_root
 @opt.cache_root
 @opt.preset
@@ -63,10 +67,67 @@ def _parse_ints(ctx, param, value):
               help="A needed image is missing or unreadable: stop before any model loads, or leave it out "
                    "(listed in the log and in the cache manifest).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and size estimate, write nothing.")
-def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views, view_seed, layers,
-            token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions, log_path, on_error,
-            dry_run):
-    """Stage 1: run each agent once and cache what it knows."""
+@opt.launcher_options
+@bars.quiet_option
+def extract(datasets, launcher, **params):
+    """Stage 1: run each agent once and cache what it knows.
+
+    \b
+    With --launcher submitit: one job per (dataset, agent) with incomplete caches, all into the same cache root;
+    the plan, the image check and the size limit run here first.
+    """
+    opt.check_launcher_flags(click.get_current_context(), launcher)
+    names = [name.strip() for name in datasets.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("at least one dataset is needed", param_hint="--datasets")
+    if launcher == "submitit":
+        return _submit(names, params)
+    params = {name: value for name, value in params.items() if name not in LAUNCH_PARAMS}
+    for dataset in names:
+        extract_dataset(dataset, **params)
+
+
+def _submit(names, params):
+    from pipelines.launch import LaunchError, LaunchOptions, print_summary, submit_extraction
+
+    options = LaunchOptions.from_params(params)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise click.UsageError("--launcher submitit submits from one process; run it without torchrun")
+    # Each dataset is planned here as `extract --dry-run` plans it: jobs, image check, size limit.
+    plans = {dataset: extract_dataset(dataset, **{**params, "dry_run": True}) for dataset in names}
+    # Model weights must be in the Hugging Face cache the compute nodes read (tasks run with HF_HUB_OFFLINE=1):
+    # the agents' preflight (`agents check`, which loads and so downloads each selected agent) belongs here.
+    if params["dry_run"]:
+        from pipelines.launch import extraction_tasks
+
+        for task in extraction_tasks(plans, params):
+            click.echo(f"  {task.name}: transagent {shlex.join(task.argv)}"
+                       + (f"   (after {', '.join(task.after)})" if task.after else ""))
+        return
+    if not any(plans.values()):
+        click.echo("every cache is complete: nothing to submit")
+        return
+    job_dir = options.job_dir or Path(params["cache_root"]) / ".jobs"
+    try:
+        states = submit_extraction(plans, params, options, job_dir, echo=click.echo)
+    except LaunchError as error:
+        raise click.ClickException(str(error)) from None
+    if not options.wait:
+        click.echo(f"submitted; `transagent cache ls --cache-root {params['cache_root']}` shows the caches' status")
+        return
+    click.echo("")
+    print_summary(states, echo=click.echo)
+    failed = [state for state in states if state.status in ("failed", "not run")]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(states)} extraction task(s) did not finish: "
+                                   + "; ".join(f"{s.task.name} ({s.log or s.note})" for s in failed))
+
+
+def extract_dataset(dataset, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views, view_seed,
+                    layers, token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions,
+                    log_path, on_error, dry_run):
+    """One dataset's extraction in this process (or this torchrun rank); with dry_run, the plan only: returns the
+    jobs whose caches are incomplete."""
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
     from pipelines.datasets import DatasetError
     from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes
@@ -112,7 +173,7 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
             "--views (fewer views), --layers (e.g. 3,7,11), --token-pool 2 (7x7 grid), --dtype int8 (per-token "
             "scale), or raise --max-bytes")
     if dry_run or not todo:
-        return
+        return todo
     device = _resolve_device(device) if device == "auto" else device
     for job in todo:
         job.ctx.device = job.request.device = device
@@ -124,7 +185,8 @@ def extract(dataset, data_root, cache_root, preset, agents, protocol, shots, see
     barrier = _distributed_barrier(world_size, device)
     try:
         reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
-                      barrier=barrier, progress=sys.stderr.isatty() or rank == 0, keep_going=world_size == 1)
+                      barrier=barrier, progress=not bars.quiet() and (sys.stderr.isatty() or rank == 0),
+                      keep_going=world_size == 1)
     finally:
         _destroy_process_group(world_size)
     failed = [report for report in reports if report.status == "failed"]

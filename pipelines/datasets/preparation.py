@@ -14,6 +14,7 @@ from pipelines.datasets.convert import CONVERTERS
 from pipelines.datasets.dataset import Dataset, load_dataset
 from pipelines.datasets.errors import DatasetError
 from pipelines.datasets.registry import DatasetInfo, Source, get_info, instructions
+from pipelines.progress import copy
 
 
 def prepare(name: str | DatasetInfo, data_root, *, download: bool = True, echo=print) -> Dataset:
@@ -47,7 +48,8 @@ def _download_and_extract(info: DatasetInfo, data_root: Path, source: Source, ec
         partial = archive.with_name(archive.name + ".part")
         try:
             with urllib.request.urlopen(source.url, timeout=60) as response, open(partial, "wb") as file:
-                shutil.copyfileobj(response, file, length=1 << 20)
+                length = response.headers.get("Content-Length")
+                copy(response, file, int(length) if length and length.isdigit() else None, f"download {archive.name}")
         except OSError as error:
             raise DatasetError(f"{info.name}: download of {source.url} failed ({error}).\n"
                                f"{instructions(info, data_root)}") from None
