@@ -180,7 +180,7 @@ def launch(tasks: list[Task], executor, options: LaunchOptions, echo=print, func
         _follow(states, executor, options, echo, function)
     except KeyboardInterrupt:
         running = [s for s in states.values() if s.status == "submitted"]
-        echo(f"stopped waiting; {len(running)} job(s) keep running: "
+        echo(f"stopped waiting for {len(running)} job(s) (on SLURM they keep running; scancel stops them): "
              + ", ".join(f"{s.task.name} ({s.job_ids[-1]})" for s in running))
         raise
     return list(states.values())
