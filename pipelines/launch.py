@@ -334,15 +334,20 @@ def prepare_cells(cells) -> None:
         training_set(datasets[key], options.protocol, options.shots, options.seed, options.data_root)
 
 
-def submit_sweep(cells, options: LaunchOptions, job_dir, echo=print, function=run_task) -> list[TaskState]:
-    """The sweep through submitit: cells with --force are cleared here (their tasks then never delete anything),
-    datasets are prepared here, then one job array."""
+def clear_forced(cells) -> None:
+    """--force, done here as distill would do it, so that no task (and no retry) ever deletes a run directory."""
     from pipelines.distillation import run_directory
 
-    prepare_cells(cells)
     for cell in cells:
         if cell.force and run_directory(cell).exists():
             shutil.rmtree(run_directory(cell))
+
+
+def submit_sweep(cells, options: LaunchOptions, job_dir, echo=print, function=run_task) -> list[TaskState]:
+    """The sweep through submitit: cells with --force are cleared here (their tasks then never delete anything),
+    datasets are prepared here, then one job array."""
+    prepare_cells(cells)
+    clear_forced(cells)
     executor = make_executor(options, job_dir, "transagent-sweep")
     return launch(sweep_tasks(cells), executor, options, echo, function)
 

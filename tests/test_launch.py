@@ -14,8 +14,8 @@ from pipelines.cli import main
 from pipelines.commands.distill import distill as distill_cli
 from pipelines.commands.extract import extract as extract_cli
 from pipelines.distillation import DistillOptions, run_directory
-from pipelines.launch import (LaunchError, LaunchOptions, Task, extract_argv, launch, make_executor, parse_time,
-                              sweep_tasks)
+from pipelines.launch import (LaunchError, LaunchOptions, Task, clear_forced, extract_argv, launch, make_executor,
+                              parse_time, sweep_tasks)
 
 TESTS = Path(__file__).parent
 
@@ -63,6 +63,12 @@ def test_time_formats_argv_round_trip_and_flag_checks(tmp_path):
     assert task.argv[0] == "distill" and first["runs_root"] == Path("runs").absolute()
     assert (first["resume"], first["force"], retry["resume"], retry["report_to"]) == (False, False, True, "tensorboard")
     assert task.record == run_directory(cell).absolute() / "job.json"
+    kept = DistillOptions(runs_root=tmp_path / "runs", seed=2)
+    for options in (cell := DistillOptions(runs_root=tmp_path / "runs", force=True), kept):
+        run_directory(options).mkdir(parents=True)
+        (run_directory(options) / "final.json").write_text("{}")
+    clear_forced([cell, kept])
+    assert not run_directory(cell).exists() and run_directory(kept).exists()
     # with --no-wait, a task waiting for another needs SLURM's dependencies
     tasks = [Task("d/vicuna", ["x"], finished=lambda: False), Task("d/sd", ["y"], lambda: False, after=("d/vicuna",))]
     options = LaunchOptions(cluster="local", wait=False)

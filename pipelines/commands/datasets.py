@@ -2,6 +2,7 @@
 import click
 
 from pipelines import options as opt
+from pipelines.progress import quiet_option
 
 
 def _fail(error):
@@ -37,6 +38,7 @@ def ls(data_root):
 @opt.data_root
 @click.option("--download/--no-download", default=True, show_default=True,
               help="Fetch files that have a stable checksummed URL (EuroSAT images).")
+@quiet_option
 def prepare(name, data_root, download):
     """Download, convert or generate NAME and verify it against its split file."""
     from pipelines.datasets import DatasetError, prepare as prepare_dataset
