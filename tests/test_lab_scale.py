@@ -27,6 +27,9 @@ def _events(directory):
 
 
 def test_tensorboard_holds_the_metrics_records_across_a_resume(tmp_path):
+    from pipelines.datasets import make_synthetic
+
+    make_synthetic(tmp_path / "data", num_classes=4, per_class=(2, 1, 1))
     args = ["distill", "--preset", "tiny", "--dataset", "synthetic", "--agents", "none", "--shots", "2", "--epochs",
             "2", "--device", "cpu", "--data-root", str(tmp_path / "data"), "--cache-root", str(tmp_path / "cache"),
             "--runs-root", str(tmp_path / "runs"), "--report-to", "tensorboard"]
