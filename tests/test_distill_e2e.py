@@ -171,8 +171,10 @@ def test_a_cache_of_some_layers_pairs_each_with_the_student_block_of_its_depth(t
     assert built.exit_code == 0, built.output
     config = json.loads((run_dir_of(built.output) / "config.json").read_text())
     assert config["vision_layers"] == [{"agent": 0, "student": 0}, {"agent": 2, "student": 2}]
-    after = torch.load(run_dir_of(trained.output) / "checkpoint.pt", weights_only=False)["gates"]
-    before = torch.load(run_dir_of(built.output) / "checkpoint.pt", weights_only=False)["gates"]
+    from distill import checkpoints
+
+    after = checkpoints.load(checkpoints.find(run_dir_of(trained.output)))["gates"]
+    before = checkpoints.load(checkpoints.find(run_dir_of(built.output)))["gates"]
     for block, distilled in ((0, True), (1, False), (2, True)):
         names = [name for name in after if name.startswith(f"vision.{block}.")]
         assert names and any(not torch.equal(after[n], before[n]) for n in names) == distilled, block
