@@ -138,14 +138,18 @@ def _directories_of(files) -> set[str]:
     return {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
 
 
-def pack_cache(cache_dir, out) -> PackInfo:
+def pack_cache(cache_dir, out, callback=None) -> PackInfo:
     """Write a complete cache as one deterministic tar. Every checksummed file is hashed while it is copied;
-    a mismatch aborts and leaves no pack behind."""
+    a mismatch aborts and leaves no pack behind. `callback` (fsspec's `set_size`/`relative_update`) follows
+    the bytes copied."""
     cache_dir, out = Path(cache_dir), Path(out)
     if out.is_dir():
         raise CacheError(f"{out} is a directory; a pack is written to a file, e.g. "
                          f"{out / (cache_dir.name + PACK_EXT)}")
     manifest = _complete_manifest(cache_dir)
+    members = pack_members(cache_dir, manifest)
+    if callback is not None:
+        callback.set_size(sum(p.stat().st_size for p in (cache_dir / m for m in members) if p.is_file()))
     fp = cache_dir.name
     checksums = manifest["checksums"]
     temporary = out.with_name(out.name + ".tmp")
@@ -154,7 +158,7 @@ def pack_cache(cache_dir, out) -> PackInfo:
             sink = _HashingWriter(raw)
             with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 tar.addfile(_tar_info(fp, is_dir=True))
-                for relative in pack_members(cache_dir, manifest):
+                for relative in members:
                     path = cache_dir / relative
                     if not (path.exists() or path.is_symlink()):
                         raise CorruptCacheError(f"{cache_dir}: {relative} is listed in the manifest but missing; "
@@ -165,7 +169,7 @@ def pack_cache(cache_dir, out) -> PackInfo:
                         tar.addfile(_tar_info(f"{fp}/{relative}", is_dir=True))
                         continue
                     with open(path, "rb") as handle:
-                        source = _HashingReader(handle)
+                        source = _HashingReader(handle, callback)
                         tar.addfile(_tar_info(f"{fp}/{relative}", size=os.fstat(handle.fileno()).st_size), source)
                     if relative in checksums and source.hexdigest() != checksums[relative]:
                         raise CorruptCacheError(f"{cache_dir}: checksum mismatch in {relative}; "
@@ -203,12 +207,14 @@ def _tar_info(name: str, size: int = 0, is_dir: bool = False) -> tarfile.TarInfo
 
 
 class _HashingReader:
-    def __init__(self, handle):
-        self._handle, self._digest = handle, hashlib.sha256()
+    def __init__(self, handle, callback=None):
+        self._handle, self._digest, self._callback = handle, hashlib.sha256(), callback
 
     def read(self, size=-1):
         data = self._handle.read(size)
         self._digest.update(data)
+        if self._callback is not None:
+            self._callback.relative_update(len(data))
         return data
 
     def hexdigest(self) -> str:
@@ -451,22 +457,23 @@ class MergeResult:
     added_files: list[str]
 
 
-def merge(src, dst, batch_rows: int = 64, wait: float = 0.0) -> MergeResult:
+def merge(src, dst, batch_rows: int = 64, wait: float = 0.0, callback=None) -> MergeResult:
     """Add the rows and files of cache `src` to cache `dst` (same fingerprint). New rows go into a new segment
     after dst's last; rows both hold must be byte-identical (else MergeConflict naming the key). Every check
     happens before dst is touched, under dst's writer lock (`wait` seconds for it). A merge killed while copying
     leaves dst partial (its new segment unfinished): `transagent extract` with the cache's options finishes it, or
-    restore dst from its pack."""
+    restore dst from its pack. `callback` (fsspec's `set_size`/`relative_update`) follows the rows compared and
+    copied."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CacheError(f"cannot merge {src} into itself")
     if not (dst / MANIFEST).is_file():
         raise CacheError(f"{dst}: no {MANIFEST}; not a cache directory")
     with writer_lock(dst, wait, purpose=f"merge from {src.name}", create=False) as lock:
-        return _merge_locked(src, dst, batch_rows, lock.check)
+        return _merge_locked(src, dst, batch_rows, lock.check, callback)
 
 
-def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeResult:
+def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours, callback=None) -> MergeResult:
     src_manifest, dst_manifest = _complete_manifest(src), _complete_manifest(dst)
     diff = differing_fields(dst_manifest["fields"], src_manifest["fields"])
     diff += differing_fields(dst_manifest["arrays"], src_manifest["arrays"], "arrays")
@@ -480,6 +487,8 @@ def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeRes
     names = tuple(dst_manifest["arrays"])
     source, target = CacheReader(src, memmap_arrays=names), CacheReader(dst, memmap_arrays=names)
     shared = [row for row in source.rows if target.has(row)]
+    if callback is not None:
+        callback.set_size(len(source.rows))
     for start in range(0, len(shared), batch_rows):
         batch = shared[start:start + batch_rows]
         for name in names:
@@ -488,6 +497,8 @@ def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeRes
                 if mine[i].tobytes() != theirs[i].tobytes():
                     raise MergeConflict(f"row (key {row[0]!r}, view {row[1]}) of array {name!r} differs between "
                                         f"{src} and {dst}; refusing to overwrite it")
+        if callback is not None:
+            callback.relative_update(len(batch))
     new_files = _new_files(src, dst, src_manifest)
     new_rows = [row for row in source.rows if not target.has(row)]
     if not new_rows and not new_files:
@@ -501,6 +512,8 @@ def _merge_locked(src: Path, dst: Path, batch_rows: int, still_ours) -> MergeRes
                 local = local_rows[start:start + batch_rows]
                 rows = [writer.rows[i] for i in local]
                 writer.write(local, {name: source.read(name, rows) for name in names})
+                if callback is not None:
+                    callback.relative_update(len(local))
     for relative in new_files:
         cache.add_file(relative, (src / FILES / relative).read_bytes())
     merged = cache.manifest.setdefault("provenance", {}).get("merged", [])

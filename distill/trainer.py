@@ -160,7 +160,8 @@ class Trainer:
                     raise ValueError(f"view {view} of {key}: cached crop {cached.tolist()} != recomputed "
                                      f"{ours.tolist()}; the cache was made from other images or view code")
 
-    def fit(self, stop_after_epoch: int | None = None, metrics_path: Path | None = None) -> None:
+    def fit(self, stop_after_epoch: int | None = None, metrics_path: Path | None = None, on_epoch=None) -> None:
+        """Train to the last epoch; `on_epoch(records)` gets each finished epoch's metrics.jsonl records."""
         from tqdm import tqdm
 
         metrics_path = metrics_path or self.run_dir / "metrics.jsonl"
@@ -191,6 +192,8 @@ class Trainer:
                 for record in records:
                     handle.write(json.dumps(record) + "\n")
             self.save_checkpoint()
+            if on_epoch is not None:
+                on_epoch(records)
 
     def step(self, pixels, labels, batch) -> dict:
         keys = [key for key, _, _ in batch]

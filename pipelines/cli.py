@@ -21,6 +21,7 @@ COMMANDS = {
     "datasets": "pipelines.commands.datasets:datasets",
     "agents": "pipelines.commands.agents:agents",
     "cache": "pipelines.commands.cache:cache",
+    "runs": "pipelines.commands.runs:runs",
 }
 
 
@@ -99,5 +100,9 @@ def _module_exists(target):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they go to stderr, and only to a terminal).")
+def main(quiet):
     """TransAgent-Cache: extract teacher knowledge once, distill CLIP prompts many times."""
+    from pipelines.progress import set_quiet
+
+    set_quiet(quiet)

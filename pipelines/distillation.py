@@ -57,6 +57,7 @@ class DistillOptions:
     force: bool = False
     stop_after_epoch: int | None = None
     pins: dict = field(default_factory=dict)
+    report_to: str = ""                # trackers, e.g. "tensorboard,wandb" (pipelines.tracking)
     progress: bool = True
 
 
@@ -95,6 +96,17 @@ def extract_hint(options: DistillOptions, agent: str, views: int | None) -> str:
 
 def distill(options: DistillOptions) -> dict:
     """Train (or resume, or return the finished result of) one run; returns final.json's content."""
+    from pipelines.tracking import open_trackers
+
+    directory = run_directory(options)
+    trackers = open_trackers(options.report_to, directory, directory.relative_to(options.runs_root).as_posix())
+    try:
+        return _distill(options, trackers)
+    finally:
+        trackers.close()
+
+
+def _distill(options: DistillOptions, trackers) -> dict:
     from cache_schema.pack import reading
     from distill import checkpoints
     from distill.data import open_teachers
@@ -156,6 +168,7 @@ def distill(options: DistillOptions) -> dict:
     if options.resume:
         _check_same_run(directory, resolved, "resume")
     (directory / "config.json").write_text(json.dumps(resolved, indent=1, sort_keys=True) + "\n")
+    trackers.config(resolved)
 
     with contextlib.ExitStack() as leases:  # `cache gc` leaves caches alone while a run reads them
         for path in bank.paths.values():
@@ -169,12 +182,13 @@ def distill(options: DistillOptions) -> dict:
         if options.eval_initial and trainer.epoch == 0:
             initial = _evaluate_all(trainer.student, dataset, options, evaluate)
         start = time.perf_counter()
-        trainer.fit(stop_after_epoch=options.stop_after_epoch)
+        trainer.fit(stop_after_epoch=options.stop_after_epoch, on_epoch=trackers.epoch)
         if checkpoints.find(directory) is None:  # zero epochs: keep the (initial) prompts for `evaluate`
             trainer.save_checkpoint()
     if trainer.epoch < config.epochs:
         return {"status": "stopped", "epoch": trainer.epoch, "run_dir": str(directory)}
     accuracy = _evaluate_all(trainer.student, dataset, options, evaluate)
+    trackers.accuracy(accuracy)
     final = {"dataset": slug, "protocol": options.protocol, "shots": options.shots, "seed": options.seed,
              "ablation": directory.name, "agents": agents, "epochs": config.epochs, "accuracy": accuracy,
              "train_seconds": round(time.perf_counter() - start, 3), "run_dir": str(directory)}

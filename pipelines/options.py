@@ -103,6 +103,24 @@ def check_device(device: str, flag: str = "--device") -> str:
     return device
 
 
+def check_submitted_device(device: str, cluster: str, flag: str = "--device") -> str:
+    """The device a submitting node checks with: with --cluster local the tasks run here, so `device` must be
+    usable here; a login node often has no GPU, so otherwise a device that parses is enough (its task checks it
+    again on its node) and this node's own device (cuda or cpu) is returned."""
+    if cluster == "local":
+        return check_device(device, flag)
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{device!r} is not a device; use cpu, cuda, cuda:N or auto", param_hint=flag)
+    try:
+        return check_device(device, flag)
+    except click.BadParameter:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def require_writable(directory, flag: str) -> None:
     """Fail before any work when a root cannot be written (read-only mount, no permission, full disk)."""
     directory = Path(directory)
@@ -115,3 +133,80 @@ def require_writable(directory, flag: str) -> None:
         reason = error.strerror or str(error)
         raise click.ClickException(f"{flag} {directory} is not writable ({reason}); nothing was written. Choose "
                                    f"another {flag}, or make it writable") from None
+
+
+def _parse_report_to(ctx, param, value):
+    from pipelines.tracking import TrackingError, parse_report_to
+
+    try:
+        return ",".join(parse_report_to(value))
+    except TrackingError as error:
+        raise click.BadParameter(str(error))
+
+
+report_to = click.option("--report-to", default="", metavar="tensorboard[,wandb]", callback=_parse_report_to,
+                         help="Also send metrics.jsonl's records, the accuracies and the configuration to these "
+                              "trackers (TensorBoard: <run dir>/tensorboard/; wandb is an extra).")
+
+
+def _parse_minutes(ctx, param, value):
+    from pipelines.launch import LaunchError, parse_time
+
+    try:
+        parse_time(value)
+    except LaunchError as error:
+        raise click.BadParameter(str(error))
+    return value
+
+
+_LAUNCHER_OPTIONS = [
+    click.option("--launcher", type=click.Choice(["local", "submitit"]), default="local", show_default=True,
+                 help="local: on this machine; submitit: one job per task through submitit (SLURM, or its local "
+                      "executor), from this node."),
+    click.option("--cluster", type=click.Choice(["auto", "slurm", "local"]), default="auto", show_default=True,
+                 help="With --launcher submitit: SLURM, submitit's local executor (one machine, no scheduler), or "
+                      "auto (SLURM where sbatch exists)."),
+    click.option("--slurm-partition", default=None, help="SLURM partition."),
+    click.option("--slurm-account", default=None, help="SLURM account."),
+    click.option("--slurm-qos", default=None, help="SLURM quality of service."),
+    click.option("--slurm-gpus-per-task", type=click.IntRange(0), default=1, show_default=True),
+    click.option("--slurm-cpus-per-task", type=click.IntRange(1), default=None),
+    click.option("--slurm-mem-gb", type=click.FloatRange(0, min_open=True), default=None, help="Memory per task."),
+    click.option("--slurm-time", default="12:00:00", show_default=True, callback=_parse_minutes,
+                 help="Time limit per task: minutes or [D-]HH:MM[:SS]."),
+    click.option("--slurm-array-parallelism", type=click.IntRange(1), default=None,
+                 help="At most this many tasks of the array at once."),
+    click.option("--slurm-setup", multiple=True, metavar="LINE",
+                 help="Shell line run before each task (repeat), e.g. 'source /shared/venv/bin/activate'."),
+    click.option("--slurm-option", multiple=True, callback=parse_agent_pairs, metavar="KEY=VALUE",
+                 help="Any other sbatch option (repeat), e.g. constraint=a100."),
+    click.option("--retries", type=click.IntRange(0), default=0, show_default=True,
+                 help="Re-submit a task whose job ended without finishing this many times (it resumes)."),
+    click.option("--no-wait", "no_wait", is_flag=True,
+                 help="Return once submitted instead of following the jobs to the end (`transagent runs ls` shows "
+                      "them)."),
+    click.option("--job-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="submitit's folder: job scripts, logs (<job id>_0_log.out/.err), its pickles."),
+    click.option("--poll-seconds", type=click.FloatRange(0), default=10.0, hidden=True),
+]
+
+
+def launcher_options(function):
+    """--launcher and the scheduler's flags, shared by `sweep` and `extract`."""
+    for decorator in reversed(_LAUNCHER_OPTIONS):
+        function = decorator(function)
+    return function
+
+
+def check_launcher_flags(ctx, launcher: str) -> None:
+    """Scheduler flags given without --launcher submitit would be silently ignored: refuse them."""
+    from click.core import ParameterSource
+
+    if launcher == "submitit":
+        return
+    from pipelines.launch import LAUNCH_PARAMS
+
+    given = [name for name in LAUNCH_PARAMS if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise click.UsageError(f"{flags} only apply with --launcher submitit")

@@ -1,4 +1,4 @@
-"""Push and pull cache packs through fsspec URLs (file://, s3://, gs://, ssh://; http(s):// read-only).
+"""Push and pull cache packs through fsspec URLs (file://, s3://, gs://, ssh://, hf://; http(s):// read-only).
 
 Remote layout (DESIGN.md §5): `<url>/<dataset>/<agent>/<fingerprint>.tar` and `<url>/index.json`, a JSON list of
 {dataset, agent, fingerprint, rows, bytes, sha256, schema_version, checksums_sha256, created}, one per pack.
@@ -6,6 +6,9 @@ A push uploads the pack under a temporary name, moves it into place, then rewrit
 two people pushing at the same instant can lose one index entry: push again). A pull never trusts the transport:
 `cache_schema.pack.install_pack` checks the sha256, the schema version and every file checksum before the cache
 becomes visible.
+
+Long steps take `progress`, a function (description) -> fsspec callback (`pipelines.progress.callback`); without
+it nothing is drawn.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema import CacheError
+from cache_schema import CacheError, list_caches
 from cache_schema.pack import (PACK_EXT, Installed, check_name, checksums_digest, incoming_dir, install_pack,
                                pack_cache)
 from cache_schema.store import READABLE_SCHEMAS, SHA256, read_manifest
@@ -114,8 +117,14 @@ def _key(entry: dict) -> tuple[str, str, str]:
     return entry["dataset"], entry["agent"], entry["fingerprint"]
 
 
+def _callback(progress, description: str):
+    from fsspec.callbacks import NoOpCallback
+
+    return progress(description) if progress is not None else NoOpCallback()
+
+
 # ---------------------------------------------------------------------------------------------- push
-def push(cache_dir, url: str, replace: bool = False) -> tuple[dict, str]:
+def push(cache_dir, url: str, replace: bool = False, progress=None) -> tuple[dict, str]:
     """Pack a complete cache and upload it with its index entry. Returns (entry, "pushed" | "present" | "replaced").
 
     A remote pack of the same fingerprint but other content is only overwritten with replace=True (pull it and
@@ -136,13 +145,15 @@ def push(cache_dir, url: str, replace: bool = False) -> tuple[dict, str]:
             raise RemoteError(f"{url} already holds {'/'.join(key)} with other content ({existing[key]['rows']} "
                               f"rows there, {manifest.get('rows')} here); pull it, `transagent cache merge` it into "
                               "yours, then push with --replace")
+    name = "/".join(str(part) for part in key)
     with incoming_dir(cache_dir.parent) as scratch:   # beside the cache: same disk, never under list_caches' glob
-        info = pack_cache(cache_dir, scratch / f"{cache_dir.name}{PACK_EXT}")
+        with _callback(progress, f"pack {name}") as callback:
+            info = pack_cache(cache_dir, scratch / f"{cache_dir.name}{PACK_EXT}", callback=callback)
         target = pack_url(root, info.dataset, info.agent, info.fingerprint)
         temporary = f"{target}.tmp-{secrets.token_hex(4)}"
-        with _talking_to(url, "upload to"):
+        with _talking_to(url, "upload to"), _callback(progress, f"upload {name}") as callback:
             fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(scratch / f"{cache_dir.name}{PACK_EXT}"), temporary)
+            fs.put_file(str(scratch / f"{cache_dir.name}{PACK_EXT}"), temporary, callback=callback)
             fs.mv(temporary, target)
     entry = info.to_dict()
     entries = {_key(e): e for e in _read_index(fs, root, url, missing_ok=True)}  # re-read: others may have pushed
@@ -156,6 +167,52 @@ def push(cache_dir, url: str, replace: bool = False) -> tuple[dict, str]:
     return entry, status
 
 
+@dataclass
+class PushResult:
+    name: str                    # dataset/agent/fingerprint
+    entry: dict | None = None
+    status: str = ""             # pushed | present | replaced | skipped (partial) | failed
+    error: str = ""
+
+
+def push_root(path, url: str, dataset: str | None = None, agent: str | None = None,
+              fingerprint: str | None = None, replace: bool = False, keep_going: bool = False,
+              progress=None) -> list[PushResult]:
+    """Push one cache directory, or every complete cache under a cache root that matches the filters (partial ones
+    are skipped, they cannot be packed). With keep_going a failed push is reported and the others still run."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        if dataset or agent or fingerprint:
+            raise RemoteError(f"{path} is one cache; --dataset, --agent and --fingerprint select caches under a "
+                              "cache root")
+        entry, status = push(path, url, replace=replace, progress=progress)
+        return [PushResult("/".join(_key(entry)), entry, status)]
+    if not path.is_dir():
+        raise RemoteError(f"{path}: neither a cache directory nor a cache root")
+    found = [(cache, manifest) for cache, manifest in list_caches(path, dataset, agent)
+             if fingerprint is None or cache.name == fingerprint]
+    if not found:
+        wanted = ", ".join(f"{k}={v}" for k, v in (("dataset", dataset), ("agent", agent),
+                                                    ("fingerprint", fingerprint)) if v) or "anything"
+        listed = ", ".join(c.relative_to(path).as_posix() for c, _ in list_caches(path)) or "nothing"
+        raise RemoteError(f"no cache under {path} matches {wanted}; it holds: {listed}")
+    results = []
+    for cache, manifest in found:
+        name = cache.relative_to(path).as_posix()
+        if manifest.get("status") != "complete" or manifest.get("problem"):
+            results.append(PushResult(name, None, "skipped",
+                                      manifest.get("problem") or f"{manifest.get('status', 'unknown')} cache"))
+            continue
+        try:
+            entry, status = push(cache, url, replace=replace, progress=progress)
+            results.append(PushResult(name, entry, status))
+        except CacheError as error:
+            if not keep_going:
+                raise
+            results.append(PushResult(name, None, "failed", str(error)))
+    return results
+
+
 # ---------------------------------------------------------------------------------------------- pull
 @dataclass
 class PullResult:
@@ -166,7 +223,8 @@ class PullResult:
 
 
 def pull(url: str, cache_root, dataset: str | None = None, agent: str | None = None,
-         fingerprint: str | None = None, keep_going: bool = False, wait: float = 0.0) -> list[PullResult]:
+         fingerprint: str | None = None, keep_going: bool = False, wait: float = 0.0,
+         progress=None) -> list[PullResult]:
     """Pull every pack of the remote's index that matches the filters (or one `.tar` URL) into the cache root.
 
     With keep_going, a failed pack is reported in its result and the others are still pulled. A local cache of
@@ -175,7 +233,7 @@ def pull(url: str, cache_root, dataset: str | None = None, agent: str | None = N
     cache_root = Path(cache_root)
     fs, root, _ = open_remote(url)
     if root.endswith(PACK_EXT):
-        return [_pull_one(fs, root, url, cache_root, None, keep_going, wait)]
+        return [_pull_one(fs, root, url, cache_root, None, keep_going, wait, progress)]
     entries = _read_index(fs, root, url, missing_ok=False)
     selected = [e for e in entries if (dataset is None or e["dataset"] == dataset) and
                 (agent is None or e["agent"] == agent) and (fingerprint is None or e["fingerprint"] == fingerprint)]
@@ -184,15 +242,15 @@ def pull(url: str, cache_root, dataset: str | None = None, agent: str | None = N
                                                     ("fingerprint", fingerprint)) if v) or "anything"
         listed = ", ".join("/".join(_key(e)) for e in entries) or "nothing"
         raise RemoteError(f"{url}/{INDEX} lists no cache matching {wanted}; it lists: {listed}")
-    return [_pull_one(fs, pack_url(root, *_key(entry)), url, cache_root, entry, keep_going, wait)
+    return [_pull_one(fs, pack_url(root, *_key(entry)), url, cache_root, entry, keep_going, wait, progress)
             for entry in selected]
 
 
 def _pull_one(fs, remote: str, url: str, cache_root: Path, entry: dict | None, keep_going: bool,
-              wait: float = 0.0) -> PullResult:
+              wait: float = 0.0, progress=None) -> PullResult:
     name = "/".join(_key(entry)) if entry else remote
     try:
-        path, status = _install(fs, remote, url, cache_root, entry, wait)
+        path, status = _install(fs, remote, url, cache_root, entry, wait, progress)
         return PullResult(name, path, status)
     except CacheError as error:
         if not keep_going:
@@ -200,7 +258,8 @@ def _pull_one(fs, remote: str, url: str, cache_root: Path, entry: dict | None, k
         return PullResult(name, None, "failed", str(error))
 
 
-def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None, wait: float = 0.0) -> tuple[Path, str]:
+def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None, wait: float = 0.0,
+             progress=None) -> tuple[Path, str]:
     if entry is not None:
         for field in ("dataset", "agent", "fingerprint"):
             check_name(f"{url}/{INDEX}", field, entry[field])
@@ -219,7 +278,8 @@ def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None, wa
                 return local, "present"
     with incoming_dir(cache_root) as scratch:
         download = scratch / remote.rsplit("/", 1)[-1]
-        with _talking_to(fs.unstrip_protocol(remote), "download"):
-            fs.get_file(remote, str(download))
+        with _talking_to(fs.unstrip_protocol(remote), "download"), \
+                _callback(progress, f"download {'/'.join(remote.rsplit('/', 3)[-3:])}") as callback:
+            fs.get_file(remote, str(download), callback=callback)
         installed: Installed = install_pack(download, cache_root, expected=entry, wait=wait)
     return installed.path, installed.status

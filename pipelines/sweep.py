@@ -183,6 +183,8 @@ def distill_command(options: DistillOptions, python: str = sys.executable) -> li
         command += ["--layers", ",".join(str(layer) for layer in o.layers)]
     for agent, fingerprint in sorted(o.pins.items()):
         command += ["--cache-fingerprint", f"{agent}={fingerprint}"]
+    if o.report_to:
+        command += ["--report-to", o.report_to]
     return command
 
 

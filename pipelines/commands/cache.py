@@ -1,11 +1,13 @@
 """`transagent cache ls|verify|pack|push|pull|merge|gc|unlock`: inspect, check and share teacher caches."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from pipelines import options as opt
+from pipelines import progress as bars
 
 
 def _fail_on_cache_errors(function):
@@ -45,7 +47,8 @@ def cache():
 @opt.cache_root
 @click.option("--dataset", default=None, help="Only this dataset.")
 @click.option("--agent", default=None, help="Only this agent.")
-def ls(cache_root, dataset, agent):
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per cache (bytes as a number, the path).")
+def ls(cache_root, dataset, agent, as_json):
     """List caches: rows, views, size on disk, status and who made them."""
     import glob
 
@@ -56,6 +59,10 @@ def ls(cache_root, dataset, agent):
     dataset = glob.escape(dataset_slug(dataset)) if dataset else None  # --dataset folder:<dir> is its directory
     listed = list_caches(cache_root, dataset, agent)
     found = [summary(path, manifest) for path, manifest in listed]
+    if as_json:
+        for (path, _), row in zip(listed, found):
+            click.echo(json.dumps({**row, "path": str(path)}, sort_keys=True))
+        return
     if not found:
         click.echo(f"no caches under {cache_root}")
         return
@@ -71,18 +78,26 @@ def ls(cache_root, dataset, agent):
 @cache.command()
 @opt.cache_root
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@bars.quiet_option
 def verify(cache_root, paths):
     """Hash every file of the given caches (default: all under --cache-root); exit 1 on any problem."""
     from cache_schema import list_caches, verify as verify_cache
+    from cache_schema.pack import disk_usage
 
     paths = list(paths) or [path for path, _ in list_caches(cache_root)]
     if not paths:
         raise click.ClickException(f"no caches under {cache_root}")
     bad = 0
-    for path in paths:
-        problems = verify_cache(path)
-        bad += bool(problems)
-        click.echo(f"ok      {path}" if not problems else "\n".join(f"PROBLEM {problem}" for problem in problems))
+    with bars.callback("verify") as progress:
+        if bars.enabled():
+            sizes = [disk_usage(path) for path in paths]
+            progress.set_size(sum(sizes))
+        for number, path in enumerate(paths):
+            problems = verify_cache(path)
+            bad += bool(problems)
+            click.echo(f"ok      {path}" if not problems else "\n".join(f"PROBLEM {problem}" for problem in problems))
+            if bars.enabled():
+                progress.relative_update(sizes[number])
     if bad:
         raise click.ClickException(f"{bad} of {len(paths)} cache(s) have problems")
 
@@ -91,6 +106,7 @@ def verify(cache_root, paths):
 @click.argument("cache_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Pack file (default: ./<dataset>-<agent>-<fingerprint>.tar).")
+@bars.quiet_option
 @_fail_on_cache_errors
 def pack(cache_dir, out):
     """Write a complete cache as one deterministic, uncompressed tar (no pickles)."""
@@ -104,22 +120,42 @@ def pack(cache_dir, out):
                                  param_hint="-o/--out")
     out = out or Path(default)
     opt.require_writable(Path(out).absolute().parent, "-o/--out")
-    info = pack_cache(cache_dir, out)
+    with bars.callback(f"pack {cache_dir.name}") as progress:
+        info = pack_cache(cache_dir, out, callback=progress)
     click.echo(f"{out}  {info.rows} rows  {_size(info.bytes)}  sha256 {info.sha256}")
 
 
 @cache.command()
-@click.argument("cache_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("url")
+@click.option("--dataset", default=None, help="With a cache root: only caches of this dataset.")
+@click.option("--agent", default=None, help="With a cache root: only caches of this agent.")
+@click.option("--fingerprint", default=None, help="With a cache root: only the cache with this fingerprint.")
 @click.option("--replace", is_flag=True, help="Overwrite a remote pack of the same fingerprint with other content.")
+@bars.quiet_option
 @_fail_on_cache_errors
-def push(cache_dir, url, replace):
-    """Pack CACHE_DIR and upload it to URL (file://, s3://, gs://, ssh://), updating URL/index.json."""
-    from pipelines.share import push as push_cache
+def push(path, url, dataset, agent, fingerprint, replace):
+    """Pack and upload one cache directory, or every complete cache under a cache root PATH that matches the
+    filters, to URL (file://, s3://, gs://, ssh://, hf://), updating URL/index.json."""
+    import glob
 
-    entry, status = push_cache(cache_dir, url, replace=replace)
-    click.echo(f"{status:<9} {entry['dataset']}/{entry['agent']}/{entry['fingerprint']}  {entry['rows']} rows  "
-               f"{_size(entry['bytes'])}  -> {url}")
+    from pipelines.datasets import dataset_slug
+    from pipelines.share import push_root
+
+    dataset = glob.escape(dataset_slug(dataset)) if dataset else None  # --dataset folder:<dir> is its directory
+    results = push_root(path, url, dataset, agent, fingerprint, replace=replace, keep_going=True,
+                        progress=bars.callback)
+    for result in results:
+        if result.status == "failed":
+            click.echo(f"failed    {result.name}\n  {result.error}", err=True)
+        elif result.status == "skipped":
+            click.echo(f"skipped   {result.name}  ({result.error})")
+        else:
+            entry = result.entry
+            click.echo(f"{result.status:<9} {result.name}  {entry['rows']} rows  {_size(entry['bytes'])}  -> {url}")
+    failed = sum(result.status == "failed" for result in results)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(results)} push(es) failed")
 
 
 @cache.command()
@@ -129,13 +165,15 @@ def push(cache_dir, url, replace):
 @click.option("--agent", default=None, help="Only caches of this agent.")
 @click.option("--fingerprint", default=None, help="Only the cache with this fingerprint.")
 @opt.wait
+@bars.quiet_option
 @_fail_on_cache_errors
 def pull(url, cache_root, dataset, agent, fingerprint, wait):
     """Download caches listed in URL/index.json (or one URL/...tar), verify them, then make them visible."""
     from pipelines.share import pull as pull_caches
 
     opt.require_writable(cache_root, "--cache-root")
-    results = pull_caches(url, cache_root, dataset, agent, fingerprint, keep_going=True, wait=wait)
+    results = pull_caches(url, cache_root, dataset, agent, fingerprint, keep_going=True, wait=wait,
+                          progress=bars.callback)
     for result in results:
         if result.status == "failed":
             click.echo(f"failed    {result.name}\n  {result.error}", err=True)
@@ -150,13 +188,15 @@ def pull(url, cache_root, dataset, agent, fingerprint, wait):
 @click.argument("src_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("dst_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @opt.wait
+@bars.quiet_option
 @_fail_on_cache_errors
 def merge(src_dir, dst_dir, wait):
     """Add SRC_DIR's rows to DST_DIR (same fingerprint); rows both hold must be identical."""
     from cache_schema.pack import merge as merge_caches
 
     opt.require_writable(dst_dir, "DST_DIR")
-    result = merge_caches(src_dir, dst_dir, wait=wait)
+    with bars.callback("merge", unit="row") as progress:
+        result = merge_caches(src_dir, dst_dir, wait=wait, callback=progress)
     files = f", {len(result.added_files)} file(s)" if result.added_files else ""
     click.echo(f"merged {src_dir} into {dst_dir}: {result.added_rows} new row(s){files}, "
                f"{result.skipped_rows} already present")

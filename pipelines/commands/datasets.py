@@ -2,6 +2,7 @@
 import click
 
 from pipelines import options as opt
+from pipelines.progress import quiet_option
 
 
 def _fail(error):
@@ -38,6 +39,7 @@ def ls(data_root):
 @click.option("--download/--no-download", default=True, show_default=True,
               help="Fetch what has a stable URL: EuroSAT's images, CoOp's split files (Google Drive, through "
                    "gdown), the official TransAgent description files; `$TRANSAGENT_REGISTRY` may point elsewhere.")
+@quiet_option
 def prepare(name, data_root, download):
     """Download, convert or generate NAME and verify it against its split file."""
     from pipelines.datasets import DatasetError, prepare as prepare_dataset

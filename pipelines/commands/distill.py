@@ -1,12 +1,12 @@
 """`transagent distill` (stage 2, seeds one after another) and `transagent evaluate RUN_DIR`."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from pipelines import options as opt
+from pipelines import progress as bars
 
 
 
@@ -45,10 +45,12 @@ from pipelines import options as opt
 @click.option("--force", is_flag=True, help="Delete an existing run directory and start over.")
 @click.option("--stop-after-epoch", type=click.IntRange(1), default=None, hidden=True)
 @opt.cache_fingerprints
+@opt.report_to
+@bars.quiet_option
 def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, agents, protocol, shots, seeds, lambda_vac,
             lambda_lac, lambda_rel, lambda_mac, temperature, mac_student, router, views, layers, epochs, prompt_depth,
             device,
-            precision, workers, eval_initial, resume, force, stop_after_epoch, pins):
+            precision, workers, eval_initial, resume, force, stop_after_epoch, pins, report_to):
     """Stage 2: train prompts + gates against the caches; evaluate the last epoch."""
     from cache_schema import CacheError
     from pipelines.distillation import DistillOptions
@@ -67,7 +69,7 @@ def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, age
             router=router, views=views,
             layers=layers, epochs=epochs, prompt_depth=prompt_depth, device=device, precision=precision, workers=workers,
             eval_initial=eval_initial, resume=resume, force=force, stop_after_epoch=stop_after_epoch, pins=pins,
-            progress=sys.stderr.isatty(), dataset_name=dataset_name)
+            report_to=report_to, progress=bars.enabled(), dataset_name=dataset_name)
         try:
             result = run_distill(options)
         except (CacheError, ValueError, FileNotFoundError, RuntimeError) as error:
@@ -116,7 +118,7 @@ def evaluate(run_dir, dataset, data_root, device):
 
     device = opt.check_device(_resolve_device(device))
     try:
-        result = evaluate_run(run_dir, dataset, data_root, device, progress=sys.stderr.isatty())
+        result = evaluate_run(run_dir, dataset, data_root, device, progress=bars.enabled())
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error))
     click.echo(f"{result['dataset']}: " + " | ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items()))

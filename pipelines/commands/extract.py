@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import click
 
 from pipelines import options as opt
+from pipelines import progress as bars
+from pipelines.launch import LAUNCH_PARAMS
 
 MAX_LISTED = 10  # bad images named in an error
 
@@ -38,7 +41,8 @@ def _positive_bytes(ctx, param, value):
 
 
 @click.command()
-@opt.dataset
+@click.option("--datasets", "--dataset", "datasets", default="eurosat", show_default=True,
+              help="Dataset name, or comma-separated names (one after another; one submission with submitit).")
 @opt.dataset_name
 @opt.data_root
 @opt.cache_root
@@ -79,10 +83,77 @@ def _positive_bytes(ctx, param, value):
 @click.option("--strict", is_flag=True,
               help="An agent that would be skipped (e.g. shikra without --agent-path) is an error.")
 @opt.wait
-def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protocol, shots, seeds, split, views,
-            view_seed, layers, token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths, descriptions,
-            agent_settings, log_path, on_error, dry_run, wait, strict):
-    """Stage 1: run each agent once and cache what it knows."""
+@opt.launcher_options
+@bars.quiet_option
+def extract(datasets, launcher, **params):
+    """Stage 1: run each agent once and cache what it knows.
+
+    \b
+    With --launcher submitit: one job per (dataset, agent) with incomplete caches, all into the same cache root;
+    the dataset preparation, the plan, the image check, the size limit and the agents' check run here first.
+    """
+    opt.check_launcher_flags(click.get_current_context(), launcher)
+    names = [name.strip() for name in datasets.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("at least one dataset is needed", param_hint="--datasets")
+    if params["dataset_name"] and len(names) > 1:
+        raise click.BadParameter("names the directory of one folder:<dir> dataset; extract the datasets one at a "
+                                 "time", param_hint="--dataset-name")
+    if launcher == "submitit":
+        return _submit(names, params)
+    params = {name: value for name, value in params.items() if name not in LAUNCH_PARAMS}
+    for dataset in names:
+        extract_dataset(dataset, **params)
+
+
+def _submit(names, params):
+    from pipelines.launch import LaunchError, LaunchOptions, print_summary, submit_extraction
+
+    options = LaunchOptions.from_params(params)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise click.UsageError("--launcher submitit submits from one process; run it without torchrun")
+    if params["dry_run"]:
+        from pipelines.launch import extraction_tasks
+
+        # Each dataset is planned here as `extract --dry-run` plans it: jobs, image check, size limit.
+        plans = {dataset: extract_dataset(dataset, **params)[0] for dataset in names}
+        for task in extraction_tasks(plans, params):
+            click.echo(f"  {task.name}: transagent {shlex.join(task.argv)}"
+                       + (f"   (after {', '.join(task.after)})" if task.after else ""))
+        return
+    # Everything the in-process extraction checks before a model loads runs here: preparation (downloads), plan,
+    # image check, size limit, device, a writable cache root, no other writer (unless --wait).
+    planned = {dataset: extract_dataset(dataset, **params, submitting=options.cluster) for dataset in names}
+    # Model weights must be in the Hugging Face cache the compute nodes read (tasks run with HF_HUB_OFFLINE=1):
+    # the agents' preflight (`agents check`) downloads, converts and loads each agent with work here.
+    plans = {dataset: _preflight(todo, extract_options, click.echo) if todo else []
+             for dataset, (todo, extract_options) in planned.items()}
+    if not any(plans.values()):
+        click.echo("every cache is complete: nothing to submit")
+        return
+    job_dir = options.job_dir or Path(params["cache_root"]) / ".jobs"
+    opt.require_writable(job_dir, "--job-dir")
+    try:
+        states = submit_extraction(plans, params, options, job_dir, echo=click.echo)
+    except LaunchError as error:
+        raise click.ClickException(str(error)) from None
+    if not options.wait:
+        click.echo(f"submitted; `transagent cache ls --cache-root {params['cache_root']}` shows the caches' status")
+        return
+    click.echo("")
+    print_summary(states, echo=click.echo)
+    failed = [state for state in states if state.status in ("failed", "not run")]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(states)} extraction task(s) did not finish: "
+                                   + "; ".join(f"{s.task.name} ({s.log or s.note})" for s in failed))
+
+
+def extract_dataset(dataset, dataset_name, data_root, cache_root, preset, agents, protocol, shots, seeds, split,
+                    views, view_seed, layers, token_pool, dtype, max_bytes, batch_size, device, backend, agent_paths,
+                    descriptions, agent_settings, log_path, on_error, dry_run, wait, strict, submitting=None):
+    """One dataset's extraction in this process (or this torchrun rank). With dry_run, the plan only; with
+    submitting (the --cluster the tasks go to), the plan after this node's checks, before any model loads. Both
+    return (the jobs whose caches are incomplete, the ExtractOptions)."""
     from cache_schema import CacheError
     from extract.agents import registry
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
@@ -116,7 +187,9 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
         raise click.ClickException(str(error))
     log_path = log_path or Path(cache_root) / dataset_slug(dataset, dataset_name) / "extract.jsonl"
     if todo and not dry_run:  # before any image is read or model loaded
-        device = opt.check_device(_resolve_device(device) if device == "auto" else device)
+        device = _resolve_device(device) if device == "auto" else device
+        device = (opt.check_submitted_device(device, submitting) if submitting is not None
+                  else opt.check_device(device))
     bad = unreadable_images(todo)
     if bad:
         listed = "\n".join(f"  {key}: {reason}" for key, reason in list(bad.items())[:MAX_LISTED])
@@ -128,7 +201,7 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
         if not any(job.ctx.keys for job in todo):
             raise click.ClickException(f"none of the images needed for extraction can be read:\n{listed}")
         say(f"skipping {len(bad)} unreadable image(s) (--on-error skip):\n{listed}")
-        if rank == 0 and not dry_run:
+        if rank == 0 and not dry_run and submitting is None:   # a submitted task logs it itself
             opt.require_writable(cache_root, "--cache-root")
             log(log_path, {"event": "skipped_images", "count": len(bad), "images": bad}, rank)
         todo = [job for job in todo if not is_complete(job, cache_root)]
@@ -145,7 +218,7 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
             "--views (fewer views), --layers (e.g. 3,7,11), --token-pool 2 (7x7 grid), --dtype int8 (per-token "
             "scale), or raise --max-bytes")
     if dry_run or not todo:
-        return
+        return todo, options
     opt.require_writable(cache_root, "--cache-root")  # before any model loads
     if not wait:
         _refuse_locked_caches(todo, cache_root)
@@ -156,14 +229,16 @@ def extract(dataset, dataset_name, data_root, cache_root, preset, agents, protoc
         from pipelines.presets import register_model_configs
 
         register_model_configs()
+    if submitting is not None:
+        return todo, options
     todo = _preflight(todo, options, say)
     if not todo:
         return
     barrier = _distributed_barrier(world_size, device)
     try:
         reports = run(todo, cache_root, backend=backend, log_path=log_path, rank=rank, world_size=world_size,
-                      barrier=barrier, progress=sys.stderr.isatty() or rank == 0, keep_going=world_size == 1,
-                      wait=wait)
+                      barrier=barrier, progress=not bars.quiet() and (sys.stderr.isatty() or rank == 0),
+                      keep_going=world_size == 1, wait=wait)
     finally:
         _destroy_process_group(world_size)
     failed = [report for report in reports if report.status == "failed"]

@@ -12,7 +12,6 @@ published without one (the split files, ImageNet's description files), against t
 import hashlib
 import json
 import re
-import shutil
 import urllib.parse
 import urllib.request
 import zipfile
@@ -23,6 +22,7 @@ from pipelines.datasets.dataset import Dataset, load_dataset
 from pipelines.datasets.errors import DatasetError
 from pipelines.datasets.registry import DatasetInfo, Source, download_sources, get_info, instructions
 from pipelines.datasets.splitfile import read_split, write_atomic
+from pipelines.progress import copy, enabled as progress_enabled
 
 PINS_FILE = "sha256-pins.json"
 DESCRIPTION_AGENTS = ("gpt3", "vicuna")
@@ -118,13 +118,15 @@ def _fetch_url(url: str, output: Path) -> None:
     drive_id = google_drive_id(url)
     if drive_id is None:
         with urllib.request.urlopen(url, timeout=60) as response, open(output, "wb") as file:
-            shutil.copyfileobj(response, file, length=1 << 20)
+            length = response.headers.get("Content-Length")
+            copy(response, file, int(length) if length and length.isdigit() else None,
+                 f"download {output.name.removesuffix('.tmp')}")
         return
     import gdown
     from gdown.exceptions import DownloadError
 
     try:
-        written = gdown.download(id=drive_id, output=str(output), quiet=False)
+        written = gdown.download(id=drive_id, output=str(output), quiet=not progress_enabled())
     except DownloadError as error:
         raise OSError(f"gdown: {error}") from None
     if not written or not output.is_file():
