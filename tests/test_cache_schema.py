@@ -1,11 +1,9 @@
 """The on-disk contract: round trips, lookups by key, resume after SIGKILL, corruption, fingerprints."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache_schema import (AgentCache, ArraySpec, CacheError, CacheReader, CorruptCacheError, PartialCacheError,
+from cache_schema import (AgentCache, ArraySpec, CacheError, CacheReader, CorruptCacheError,
                           SchemaVersionError, select_cache, verify)
 from cache_schema.fingerprint import fingerprint
 from cache_schema.pack import install_pack, merge, pack_cache
