@@ -5,9 +5,10 @@ are loaded into RAM. Rows are looked up by (key, view id) - never by position in
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 

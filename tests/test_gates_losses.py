@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.gates import GateSet, MLPGate, NoisyLinearRouter, build_gates
 from distill.data import TeacherBank, VisionLayers, stored_vision_layers
+from distill.gates import GateSet, MLPGate, NoisyLinearRouter, build_gates
 from distill.losses import (LossWeights, agent_layer_map, ce_loss, class_similarity, distill_loss, kd_kl, lac_loss,
                             mac_loss, official_mac_student_score, rel_loss, standardize_scores, student_block_for,
                             vac_loss)
