@@ -31,8 +31,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed  ## create .venv and install the package with [dev]
 
 # The tiny zoo is random networks: their "knowledge" is noise. The demo runs L_MAC at the paper's lambda_MAC = 1
-# and weights the language term lightly (lambda_LAC = 1, not 25). Seed 1 on CPU: base 20.00 -> 56.67, novel
-# 13.33, HM 21.59 (with lambda_MAC = 0.02 and raw logits it was base 100.00, novel 23.33, HM 37.84): the
+# and weights the language term lightly (lambda_LAC = 1, not 25). Seed 1 on CPU: base 20.00 -> 33.33, novel
+# 31.67, HM 32.48 (with lambda_MAC = 0.02 and raw logits: base 100.00, novel 20.00, HM 33.33): the
 # random multi-modal agents rank the classes at random and L_MAC, at full weight, distils that ranking. With
 # agents that know the label the same run reaches base 100 (README, Stage 2).
 DEMO_FLAGS = --dataset synthetic --preset tiny --data-root demo/data --cache-root demo/cache
