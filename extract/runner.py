@@ -22,9 +22,10 @@ from typing import Callable
 
 from cache_schema import AgentCache, read_json
 from cache_schema.fingerprint import sha256_file
+from cache_schema.layout import MANIFEST, ROWS, cache_dir, parse_rows, with_schema
+from cache_schema.leases import reading
 from cache_schema.lock import WriterLock, locked_message
-from cache_schema.pack import check_same_commit, reading
-from cache_schema.store import MANIFEST, ROWS, cache_dir, parse_rows, read_manifest, with_schema
+from cache_schema.manifest import check_same_commit, read_manifest
 from extract.agents.base import AgentSpec, LoadRequest
 from extract.families import ExtractContext
 
