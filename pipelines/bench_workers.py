@@ -87,7 +87,9 @@ def memory(args) -> dict:
     """Build only `args.variant`, then measure `args.steps` training steps."""
     from pathlib import Path
 
-    from pipelines.bench import PLANS, build_trainers, step_batches, synchronizer
+    from pipelines.bench.harness import synchronizer
+    from pipelines.bench.plans import PLANS
+    from pipelines.bench.stage2 import build_trainers, step_batches
 
     plan = PLANS[args.plan]
     trainer = build_trainers(plan, Path(args.cache_root), args.device, Path(args.run_dir), [args.variant])[args.variant]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipelines import bench
+from pipelines.bench import agents, fixtures, harness, plans, report, scaling, stage2
 from pipelines.bench_workers import PeakMemory
 from pipelines.cli import main
 
@@ -45,16 +45,16 @@ def test_smoke_run_writes_every_item(tmp_path):
 
 def test_interleaved_alternates_order_after_each_variants_warmup():
     calls = []
-    times = bench.interleaved({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
+    times = harness.interleaved({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
                               reps=3, warmup={"a": 2, "b": 0})
     assert calls == [("a", 0), ("a", 1), ("a", 2), ("b", 3), ("b", 4), ("a", 5), ("a", 6), ("b", 7)]
     assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
-    assert bench.ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0]) == 2.0
+    assert harness.ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0]) == 2.0
 
 
 def test_verdicts():
     def verdict(value, target):
-        return bench.Result(1, "k", "label", value, "x", target).verdict
+        return report.Result(1, "k", "label", value, "x", target).verdict
 
     assert verdict(1.05, "<= 1.10") == "pass" and verdict(1.2, "<= 1.10") == "MISS"
     assert verdict(3.5, ">= 3.5") == "pass" and verdict(2.9, "< 3") == "pass" and verdict(3.0, "< 3") == "MISS"
@@ -71,14 +71,14 @@ def test_peak_memory_sees_an_anonymous_allocation():
 
 
 def test_live_teachers_official_style_backpropagates_into_the_teachers():
-    runtimes = bench.vision_runtimes(bench.TINY, "cpu")
-    pixels = torch.rand(2, 3, bench.TINY.image_size, bench.TINY.image_size, generator=torch.Generator().manual_seed(0))
-    frozen, frozen_means = bench.live_vision_inputs(runtimes, pixels, official=False)
-    live, live_means = bench.live_vision_inputs(runtimes, pixels, official=True)
-    assert set(live) == set(bench.VISION_AGENTS)
-    for name in bench.VISION_AGENTS:
+    runtimes = agents.vision_runtimes(plans.TINY, "cpu")
+    pixels = torch.rand(2, 3, plans.TINY.image_size, plans.TINY.image_size, generator=torch.Generator().manual_seed(0))
+    frozen, frozen_means = stage2.live_vision_inputs(runtimes, pixels, official=False)
+    live, live_means = stage2.live_vision_inputs(runtimes, pixels, official=True)
+    assert set(live) == set(plans.VISION_AGENTS)
+    for name in plans.VISION_AGENTS:
         assert not frozen[name].requires_grad and live[name].requires_grad
-        assert live[name].shape == (2, 3, bench.TINY.tokens, bench.TINY.width)
+        assert live[name].shape == (2, 3, plans.TINY.tokens, plans.TINY.width)
         torch.testing.assert_close(live[name].detach(), frozen[name], atol=1e-5, rtol=0)
         torch.testing.assert_close(live_means[name].detach(), frozen_means[name], atol=1e-5, rtol=0)
     sum(x.sum() for x in live.values()).backward()
@@ -88,27 +88,27 @@ def test_live_teachers_official_style_backpropagates_into_the_teachers():
         assert len(patch_embedding) == 1 and patch_embedding[0].grad is not None
 
 
-@pytest.mark.parametrize("shapes", [bench.TINY, pytest.param(bench.VIT_B16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shapes", [plans.TINY, pytest.param(plans.VIT_B16, marks=pytest.mark.slow)])
 def test_synthetic_rows_are_unit_tokens_of_the_student_shape(tmp_path, shapes):
-    bench.register_tiny(shapes)
-    paths = bench.write_synthetic_caches(tmp_path, shapes, rows=2, agents=("dino", "bert", "sd", "blip2"))
-    bank = bench.open_bank(tmp_path, shapes, agents=("dino", "bert", "sd", "blip2"))
-    tokens, means = bank.vision_batch(bench.cache_keys(2), [0, 0])
+    agents.register_tiny(shapes)
+    paths = fixtures.write_synthetic_caches(tmp_path, shapes, rows=2, agents=("dino", "bert", "sd", "blip2"))
+    bank = fixtures.open_bank(tmp_path, shapes, agents=("dino", "bert", "sd", "blip2"))
+    tokens, means = bank.vision_batch(fixtures.cache_keys(2), [0, 0])
     assert tokens["dino"].shape == (2, shapes.layers, shapes.tokens, shapes.width)
     assert tokens["dino"].dtype == np.float16   # kept as cached; the loss widens one layer at a time
     wide = tokens["dino"].astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(wide, axis=-1), 1.0, atol=2e-3)
     np.testing.assert_allclose(means["dino"], wide.mean(axis=2), atol=1e-3)   # means were taken before fp16
-    assert bank.relational["bert"].shape == (shapes.classes, bench.RELATIONAL_DIM)
-    assert bank.multimodal_batch(bench.cache_keys(2))["sd"].shape == (2, shapes.classes)
-    assert bench._payload_per_row(paths["dino"]) == bench.vision_row_bytes(shapes)
+    assert bank.relational["bert"].shape == (shapes.classes, plans.RELATIONAL_DIM)
+    assert bank.multimodal_batch(fixtures.cache_keys(2))["sd"].shape == (2, shapes.classes)
+    assert scaling._payload_per_row(paths["dino"]) == stage2.vision_row_bytes(shapes)
 
 
 @pytest.mark.slow
 def test_real_size_agents_emit_vit_b16_tokens():
-    runtimes = bench.vision_runtimes(bench.VIT_B16, "cpu")
+    runtimes = agents.vision_runtimes(plans.VIT_B16, "cpu")
     pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    tokens, means = bench.live_vision_inputs(runtimes, pixels, official=False)
-    for name in bench.VISION_AGENTS:
+    tokens, means = stage2.live_vision_inputs(runtimes, pixels, official=False)
+    for name in plans.VISION_AGENTS:
         assert tokens[name].shape == (1, 12, 196, 768) and means[name].shape == (1, 12, 768), name
         assert sum(p.numel() for p in runtimes[name].model.parameters()) > 80e6, name

@@ -21,7 +21,7 @@ import click
 def bench(quick, output, work_dir, device, plan):
     """Time and memory of stage 2 (cached vs. student-only vs. live teachers), extraction, cache reads and cache
     growth, at ViT-B/16 shapes with random weights. Each verdict compares with the targets of DESIGN §8."""
-    from pipelines.bench import run_bench
+    from pipelines.bench.run import run_bench
 
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
