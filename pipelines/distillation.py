@@ -107,7 +107,7 @@ def distill(options: DistillOptions) -> dict:
 
 
 def _distill(options: DistillOptions, trackers) -> dict:
-    from cache_schema.pack import reading
+    from cache_schema.leases import reading
     from distill import checkpoints
     from distill.data import open_teachers
     from distill.trainer import RunConfig, Trainer, evaluate

@@ -4,7 +4,7 @@ Remote layout (DESIGN.md §5): `<url>/<dataset>/<agent>/<fingerprint>.tar` and `
 {dataset, agent, fingerprint, rows, bytes, sha256, schema_version, checksums_sha256, created}, one per pack.
 A push uploads the pack under a temporary name, moves it into place, then rewrites the index (read-modify-write;
 two people pushing at the same instant can lose one index entry: push again). A pull never trusts the transport:
-`cache_schema.pack.install_pack` checks the sha256, the schema version and every file checksum before the cache
+`cache_schema.install.install_pack` checks the sha256, the schema version and every file checksum before the cache
 becomes visible.
 
 Long steps take `progress`, a function (description) -> fsspec callback (`pipelines.progress.callback`); without
@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_schema import CacheError, list_caches
-from cache_schema.pack import (PACK_EXT, Installed, check_name, checksums_digest, incoming_dir, install_pack,
-                               pack_cache)
-from cache_schema.store import READABLE_SCHEMAS, SHA256, read_manifest
+from cache_schema.install import Installed, check_name, install_pack
+from cache_schema.layout import READABLE_SCHEMAS, SHA256
+from cache_schema.leases import incoming_dir
+from cache_schema.manifest import read_manifest
+from cache_schema.pack import PACK_EXT, checksums_digest, pack_cache
 
 INDEX = "index.json"
 READ_ONLY_PROTOCOLS = ("http", "https")

@@ -14,7 +14,9 @@ from click.testing import CliRunner
 import agent_checkpoints as ckpt
 from cache_schema import AgentCache, ArraySpec, FingerprintMismatch
 from cache_schema.fingerprint import sha256_file
-from cache_schema.pack import install_pack, merge, pack_cache
+from cache_schema.install import install_pack
+from cache_schema.merge import merge
+from cache_schema.pack import pack_cache
 from pipelines.cli import main
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

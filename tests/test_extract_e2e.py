@@ -455,7 +455,7 @@ def test_unreadable_images_stop_or_skip(reference, tmp_path):
 
 
 def test_a_full_disk_leaves_a_partial_cache_that_a_rerun_completes(reference, tmp_path, monkeypatch):
-    from cache_schema.store import SegmentWriter
+    from cache_schema.writer import SegmentWriter
 
     original = SegmentWriter.write
     written = {"dino": 0}

@@ -147,7 +147,8 @@ class Recorder:
 
 
 def test_progress_callbacks_count_the_work_and_quiet_turns_bars_off(tmp_path, monkeypatch):
-    from cache_schema.pack import merge, pack_cache
+    from cache_schema.merge import merge
+    from cache_schema.pack import pack_cache
 
     cache = write_cache(tmp_path / "a", keys_rows(range(4)))
     packed = Recorder()

@@ -17,8 +17,9 @@ from typing import Callable
 from tqdm import tqdm
 
 from cache_schema import AgentCache
+from cache_schema.leases import reading
 from cache_schema.lock import WriterLock
-from cache_schema.pack import check_same_commit, reading
+from cache_schema.manifest import check_same_commit
 from extract.runner.monitoring import (AgentReport, MemoryMonitor, Progress, empty_device_cache, log,
                                        waiting_for_lock)
 from extract.runner.plan import AgentJob, cache_fields, family_module, is_complete, needed_rows, planned_path

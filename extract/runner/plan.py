@@ -12,7 +12,8 @@ from pathlib import Path
 
 from cache_schema import read_json
 from cache_schema.fingerprint import sha256_file
-from cache_schema.store import MANIFEST, ROWS, cache_dir, parse_rows, read_manifest, with_schema
+from cache_schema.layout import MANIFEST, ROWS, cache_dir, parse_rows, with_schema
+from cache_schema.manifest import read_manifest
 from extract.agents.base import AgentSpec, LoadRequest
 from extract.families import ExtractContext
 

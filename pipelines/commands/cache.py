@@ -53,7 +53,7 @@ def ls(cache_root, dataset, agent, as_json):
     import glob
 
     from cache_schema import list_caches
-    from cache_schema.pack import summary
+    from cache_schema.catalogue import summary
     from pipelines.datasets import dataset_slug
 
     dataset = glob.escape(dataset_slug(dataset)) if dataset else None  # --dataset folder:<dir> is its directory
@@ -82,7 +82,7 @@ def ls(cache_root, dataset, agent, as_json):
 def verify(cache_root, paths):
     """Hash every file of the given caches (default: all under --cache-root); exit 1 on any problem."""
     from cache_schema import list_caches, verify as verify_cache
-    from cache_schema.pack import disk_usage
+    from cache_schema.catalogue import disk_usage
 
     paths = list(paths) or [path for path, _ in list_caches(cache_root)]
     if not paths:
@@ -110,8 +110,8 @@ def verify(cache_root, paths):
 @_fail_on_cache_errors
 def pack(cache_dir, out):
     """Write a complete cache as one deterministic, uncompressed tar (no pickles)."""
+    from cache_schema.manifest import read_manifest
     from cache_schema.pack import PACK_EXT, pack_cache
-    from cache_schema.store import read_manifest
 
     manifest = read_manifest(cache_dir / "manifest.json") if (cache_dir / "manifest.json").is_file() else {}
     default = f"{manifest.get('dataset', 'cache')}-{manifest.get('agent', 'agent')}-{cache_dir.name}{PACK_EXT}"
@@ -192,7 +192,7 @@ def pull(url, cache_root, dataset, agent, fingerprint, wait):
 @_fail_on_cache_errors
 def merge(src_dir, dst_dir, wait):
     """Add SRC_DIR's rows to DST_DIR (same fingerprint); rows both hold must be identical."""
-    from cache_schema.pack import merge as merge_caches
+    from cache_schema.merge import merge as merge_caches
 
     opt.require_writable(dst_dir, "DST_DIR")
     with bars.callback("merge", unit="row") as progress:
@@ -211,7 +211,7 @@ def gc(cache_root, runs_root, apply_, wait):
     """Partial caches and caches no run references (runs' config.json `caches`). Dry run unless --apply.
     A cache being written (its writer lock is held) is kept; removal re-checks its status under that lock."""
     from cache_schema.lock import WriterLocked
-    from cache_schema.pack import gc_candidates, referenced_caches, remove_cache
+    from cache_schema.gc import gc_candidates, referenced_caches, remove_cache
 
     if referenced_caches(cache_root, runs_root) is None:
         click.echo(f"no run under {runs_root} lists its caches: only partial caches and leftovers are candidates")

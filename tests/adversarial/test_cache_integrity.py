@@ -18,7 +18,9 @@ from click.testing import CliRunner
 from cache_schema import (AgentCache, ArraySpec, CacheError, CacheReader, CorruptCacheError,
                           SchemaVersionError, select_cache, verify)
 from cache_schema.fingerprint import fingerprint
-from cache_schema.pack import install_pack, merge, pack_cache
+from cache_schema.install import install_pack
+from cache_schema.merge import merge
+from cache_schema.pack import pack_cache
 from pipelines.cli import main as cli
 from pipelines.share import RemoteError, pull, push
 

@@ -15,9 +15,12 @@ import torch
 from click.testing import CliRunner
 
 from cache_schema import AgentCache, ArraySpec, CacheError, CacheReader, cache_dir, verify
+from cache_schema.gc import remove_cache
+from cache_schema.install import install_pack
 from cache_schema.lock import (LEASE, LOCK, STALE_AFTER, WRITER, WriterLock, WriterLocked, WriterLockLost,
                                current_holder, writer_lock)
-from cache_schema.pack import install_pack, merge, pack_cache, remove_cache
+from cache_schema.merge import merge
+from cache_schema.pack import pack_cache
 from pipelines.cli import main
 
 BACKENDS = ["zarr", "hdf5"]
