@@ -47,7 +47,7 @@ def check_agent(spec, request, *, weights: dict | None = None, ctx=None, forward
     """Load `spec` for `request`, measure it, and free it. Any failure becomes a "failed" row (the error is the
     message a user acts on); the next agent is still checked."""
     from extract.agents._loading import recording
-    from extract.runner.monitoring import empty_device_cache
+    from extract.runner import _empty_device_cache as empty_device_cache
 
     start = time.perf_counter()
     result = CheckResult(spec.name, "ok", source=source or describe_source(spec, request), device=request.device)

@@ -7,12 +7,13 @@ next to the caches records rows, seconds, images/s and peak memory per agent (`m
 """
 from extract.runner.execution import BackgroundWriter, aligned_batches, explain, run, run_agent
 from extract.runner.inputs import drop_keys, image_keys, unreadable_images
-from extract.runner.monitoring import AgentReport, MemoryMonitor, Progress, current_rss, log
+from extract.runner.monitoring import AgentReport, MemoryMonitor, Progress, current_rss, empty_device_cache, log
 from extract.runner.plan import AgentJob, cache_fields, family_module, is_complete, local_weights, needed_rows, \
     planned_path
 
 __all__ = [
     "AgentJob", "AgentReport", "BackgroundWriter", "MemoryMonitor", "Progress", "aligned_batches", "cache_fields",
     "current_rss", "drop_keys", "explain", "family_module", "image_keys", "is_complete", "local_weights", "log",
-    "needed_rows", "planned_path", "run", "run_agent", "unreadable_images",
+    "needed_rows", "planned_path", "run", "run_agent", "unreadable_images", "empty_device_cache",
 ]
+_empty_device_cache = empty_device_cache   # the name extract.preflight imports
