@@ -258,7 +258,7 @@ def test_extract_stops_at_once_naming_the_holder(data_root, tmp_path, monkeypatc
 
 
 def test_extract_with_wait_gets_the_lock_once_released(data_root, tmp_path, monkeypatch):
-    import extract.runner
+    import extract.runner.execution
 
     cache_root = tmp_path / "cache"
     path = planned_dino_path(data_root, cache_root)
@@ -269,7 +269,7 @@ def test_extract_with_wait_gets_the_lock_once_released(data_root, tmp_path, monk
         told.append((where, holder.pid, wait))
         other.release()
 
-    monkeypatch.setattr(extract.runner, "waiting_for_lock", other_writer_finishes)
+    monkeypatch.setattr(extract.runner.execution, "waiting_for_lock", other_writer_finishes)
     result = CliRunner().invoke(main, extract_args(data_root, cache_root, "zarr", "--wait", "30"))
     assert result.exit_code == 0, result.output
     assert told == [(path, os.getpid(), 30.0)]

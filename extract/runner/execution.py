@@ -1,193 +1,36 @@
-"""Stage 1: run each agent once, one at a time, and write its rows into the cache.
+"""Running one agent, then the next: load it, plan and write its missing rows, free it.
 
-For every agent: work out the rows it needs; if its cache already holds them, skip it without importing torch or
-loading a model; otherwise load it, compute the missing rows in batches (writes overlap with compute), free it,
-and only then move on to the next agent. A JSON-lines log next to the caches records rows, seconds, images/s and
-peak memory per agent.
+Rank 0 holds the cache's writer lock from planning to the atomic `complete`; every rank plans from the same disk
+state and writes only its own segments. Batches are written on a thread, so disk I/O overlaps the next batch's
+compute, and rows are batched on fixed boundaries, so a resumed run computes every row as an uninterrupted one would.
 """
 from __future__ import annotations
 
 import errno
 import gc
-import importlib
-import json
-import os
 import queue
-import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from cache_schema import AgentCache, read_json
-from cache_schema.fingerprint import sha256_file
-from cache_schema.layout import MANIFEST, ROWS, cache_dir, parse_rows, with_schema
+from tqdm import tqdm
+
+from cache_schema import AgentCache
 from cache_schema.leases import reading
-from cache_schema.lock import WriterLock, locked_message
-from cache_schema.manifest import check_same_commit, read_manifest
-from extract.agents.base import AgentSpec, LoadRequest
-from extract.families import ExtractContext
+from cache_schema.lock import WriterLock
+from cache_schema.manifest import check_same_commit
+from extract.runner.monitoring import (AgentReport, MemoryMonitor, Progress, empty_device_cache, log,
+                                       waiting_for_lock)
+from extract.runner.plan import AgentJob, cache_fields, family_module, is_complete, needed_rows, planned_path
 
-
-@dataclass
-class AgentJob:
-    spec: AgentSpec
-    ctx: ExtractContext
-    request: LoadRequest
-    weights: dict[str, str] | None = None      # sha256 per file of a local weights directory (part of the fingerprint)
-    skipped_keys: tuple[str, ...] = ()         # unreadable images left out with --on-error skip
-
-
-@dataclass
-class AgentReport:
-    agent: str
-    status: str                      # "skipped" (already complete) | "done" | "failed"
-    cache: str
-    rows: int = 0                    # rows computed by this process
-    seconds: float = 0.0
-    images_per_second: float = 0.0
-    peak_rss_bytes: int = 0
-    peak_gpu_bytes: int = 0
-    model_loaded: bool = False
-    error: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class _Progress:
-    """How far one agent got; read when it fails, to say what failed (loading or computing) and what was kept."""
-
-    phase: str = "planning"
-    rows: int = 0
-    model_loaded: bool = False
-    peak_rss_bytes: int = 0
-    peak_gpu_bytes: int = 0
-
-
-def family_module(family: str):
-    return importlib.import_module(f"extract.families.{family}")
-
-
-# ---- identity: what a job's cache is, computable without loading anything ---------------------------------------
-
-def cache_fields(job: AgentJob) -> dict:
-    """Everything that changes this agent's numbers. Computable without loading the model."""
-    fields = {
-        "agent": job.spec.fingerprint_fields(job.request.tiny),
-        "dataset": {**(job.ctx.dataset_fields or {"name": job.ctx.dataset}), "split_hash": job.ctx.split_hash},
-        "family": family_module(job.spec.family).fingerprint_fields(job.ctx),
-    }
-    if job.weights is not None:  # a local directory: its content, not its path, is the identity
-        fields["agent"] = {**fields["agent"], "local_weights": job.weights}
-    return fields
-
-
-def planned_path(job: AgentJob, cache_root) -> Path:
-    return cache_dir(cache_root, job.ctx.dataset, job.spec.name, cache_fields(job))
-
-
-def needed_rows(job: AgentJob) -> list[tuple[str, int]]:
-    return sorted(set(family_module(job.spec.family).rows(job.ctx)))
-
-
-def is_complete(job: AgentJob, cache_root) -> bool:
-    """True if the cache is complete and holds every needed row; reads two JSON files, imports nothing heavy."""
-    path = planned_path(job, cache_root)
-    if not (path / MANIFEST).exists() or not (path / ROWS).exists():
-        return False
-    manifest = read_manifest(path / MANIFEST)   # a damaged manifest is an error naming it, not a traceback
-    if manifest.get("status") != "complete" or manifest.get("fields") != json.loads(
-            json.dumps(with_schema(cache_fields(job)))):
-        return False
-    present = set(parse_rows(read_json(path / ROWS), path / ROWS))
-    return all(row in present for row in needed_rows(job))
-
-
-def local_weights(directory, memo_file: Path | None = None) -> dict[str, str]:
-    """{relative file: sha256} of every file under a local weights directory.
-
-    Hashing a 7B checkpoint takes a minute, so digests are memoised in `memo_file` by (absolute path, size,
-    mtime): a repeated `extract` only stats the files."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"local weights directory {directory} does not exist")
-    memo = {}
-    if memo_file is not None and memo_file.is_file():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            memo = {}
-    digests, changed = {}, False
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        stat = file.stat()
-        key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
-        entry = memo.get(key)
-        if entry is None or entry[:2] != stamp:
-            memo[key] = entry = [*stamp, sha256_file(file)]
-            changed = True
-        digests[file.relative_to(directory).as_posix()] = entry[2]
-    if not digests:
-        raise FileNotFoundError(f"local weights directory {directory} is empty")
-    if changed and memo_file is not None:
-        try:  # an optimisation only: a failed write costs a re-hash next time
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(memo, sort_keys=True))
-            os.replace(temporary, memo_file)
-        except OSError:
-            pass
-    return digests
-
-
-# ---- inputs: every needed image must open before any model loads ------------------------------------------------
-
-def image_keys(job: AgentJob) -> list[str]:
-    """The dataset images this job reads (language agents read class names, no image)."""
-    keys = set(job.ctx.keys)
-    return sorted({key for key, _ in needed_rows(job) if key in keys})
-
-
-def unreadable_images(jobs: list[AgentJob]) -> dict[str, str]:
-    """{key: reason} for every image the jobs need that is missing or that Pillow cannot identify (header only)."""
-    from PIL import Image, UnidentifiedImageError
-
-    problems, seen = {}, set()
-    for job in jobs:
-        for key in image_keys(job):
-            path = job.ctx.image_path(key)
-            if path in seen:
-                continue
-            seen.add(path)
-            try:
-                with Image.open(path) as image:
-                    image.size  # noqa: B018 - the header is read by open(); nothing is decoded
-            except FileNotFoundError:
-                problems[key] = f"missing ({path})"
-            except (UnidentifiedImageError, OSError, ValueError) as error:
-                problems[key] = f"unreadable ({type(error).__name__}: {error})"
-    return dict(sorted(problems.items()))
-
-
-def drop_keys(jobs: list[AgentJob], keys) -> list[AgentJob]:
-    """The jobs without these images (`--on-error skip`); each job remembers which of its images it left out."""
-    keys = set(keys)
-    out = []
-    for job in jobs:
-        skipped = tuple(key for key in image_keys(job) if key in keys)
-        ctx = replace(job.ctx, keys=[key for key in job.ctx.keys if key not in keys])
-        out.append(replace(job, ctx=ctx, skipped_keys=tuple(sorted({*job.skipped_keys, *skipped}))))
-    return out
-
-
-# ---- running ----------------------------------------------------------------------------------------------------
 
 def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, world_size: int = 1,
               barrier: Callable[[], None] = lambda: None, progress: bool = True,
-              state: _Progress | None = None, wait: float = 0.0) -> AgentReport:
+              state: Progress | None = None, wait: float = 0.0) -> AgentReport:
     """Compute and write one agent's missing rows. Rank 0 holds the cache's writer lock from planning to the
     atomic `complete` (waiting up to `wait` seconds for it); the other ranks write their own segments under it."""
-    state = state or _Progress()
+    state = state or Progress()
     path = planned_path(job, cache_root)
     if is_complete(job, cache_root):
         return AgentReport(job.spec.name, "skipped", str(path))
@@ -239,7 +82,7 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
             lock.release()
         runtime = None
         gc.collect()
-        _empty_device_cache(job.request.device)
+        empty_device_cache(job.request.device)
         monitor.stop()
         state.peak_rss_bytes, state.peak_gpu_bytes = monitor.peak_rss, monitor.peak_gpu
     seconds = time.perf_counter() - start
@@ -248,11 +91,6 @@ def run_agent(job: AgentJob, cache_root, backend: str = "zarr", rank: int = 0, w
                        images_per_second=round(state.rows / seconds, 3) if seconds else 0.0,
                        peak_rss_bytes=monitor.peak_rss, peak_gpu_bytes=monitor.peak_gpu, model_loaded=True,
                        extra=extra)
-
-
-def waiting_for_lock(path: Path, holder, wait: float) -> None:
-    """Said once when an extraction starts waiting for another writer (--wait)."""
-    print(f"{locked_message(path, holder).split(';')[0]}; waiting up to {wait:g} s", file=sys.stderr, flush=True)
 
 
 def _record_provenance(cache: AgentCache, runtime, job: AgentJob) -> None:
@@ -277,8 +115,6 @@ def resolved_revision(runtime) -> str | None:
 
 
 def _compute_segments(cache, assignments, runtime, family, job, progress, state, monitor) -> None:
-    from tqdm import tqdm
-
     total = sum(len(rows) for _, rows in assignments)
     bar = tqdm(total=total, desc=f"extract {job.spec.name}", unit="row", disable=not progress)
     for name, local_rows in assignments:
@@ -338,58 +174,6 @@ class BackgroundWriter:
             self._raise()
 
 
-class MemoryMonitor:
-    """Peak resident memory and peak GPU allocation while one agent runs.
-
-    RSS is sampled on a thread and at the points where it peaks (model loaded, batch computed), so a short run
-    still records its model."""
-
-    def __init__(self, device: str, interval: float = 0.05):
-        self.device, self.interval = device, interval
-        self.peak_rss = self.peak_gpu = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, current_rss())
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def start(self):
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        if self.device.startswith("cuda"):
-            import torch
-
-            self.peak_gpu = int(torch.cuda.max_memory_allocated())
-
-
-def current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def _empty_device_cache(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
 def run(jobs: list[AgentJob], cache_root, backend: str = "zarr", log_path: Path | None = None, rank: int = 0,
         world_size: int = 1, barrier: Callable[[], None] = lambda: None, progress: bool = True,
         keep_going: bool = True, wait: float = 0.0) -> list[AgentReport]:
@@ -398,7 +182,7 @@ def run(jobs: list[AgentJob], cache_root, backend: str = "zarr", log_path: Path 
     remaining agents still run."""
     reports = []
     for job in jobs:
-        state = _Progress()
+        state = Progress()
         try:
             report = run_agent(job, cache_root, backend, rank, world_size, barrier, progress, state, wait)
         except Exception as error:  # noqa: BLE001 - reported per agent, then re-raised or collected
@@ -411,7 +195,7 @@ def run(jobs: list[AgentJob], cache_root, backend: str = "zarr", log_path: Path 
                 raise
         if report.status == "failed":  # the traceback held the failed agent's frames: free them before the next
             gc.collect()
-            _empty_device_cache(job.request.device)
+            empty_device_cache(job.request.device)
         reports.append(report)
         log(log_path, report, rank)
     return reports
@@ -451,15 +235,3 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def _is_disk_full(error: BaseException) -> bool:
     return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _causes(error))
-
-
-def log(log_path, entry, rank: int) -> None:
-    """Append one JSON line (an AgentReport or a dict) to the extraction log."""
-    if log_path is None:
-        return
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    data = entry.__dict__ if isinstance(entry, AgentReport) else dict(entry)
-    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rank": rank, **data}
-    with open(log_path, "a") as handle:
-        handle.write(json.dumps(line) + "\n")
