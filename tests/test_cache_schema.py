@@ -88,7 +88,7 @@ def test_incremental_rows_go_to_a_new_segment(tmp_path):
     write_all(tmp_path, first, "zarr")
     path = write_all(tmp_path, first + extra, "zarr")
     reader = CacheReader(path)
-    assert [s["name"] for s in reader.manifest["segments"]] == ["seg-00000", "seg-00001"]
+    assert [s.name for s in reader.manifest.segments] == ["seg-00000", "seg-00001"]
     assert reader.rows == sorted(first) + sorted(extra)
     np.testing.assert_array_equal(reader.read("tokens", [extra[0]])[0], row_values(extra[0])["tokens"])
 

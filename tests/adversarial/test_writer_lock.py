@@ -139,7 +139,7 @@ def test_gc_apply_during_an_extraction_deletes_nothing(data_root, tmp_path, monk
     assert f"pid {os.getpid()}" in gc.output
     (manifest,) = cache_root.glob("synthetic/dino/*/manifest.json")
     assert json.loads(manifest.read_text())["status"] == "complete"
-    assert verify(manifest.parent) == [] and CacheReader(manifest.parent).manifest["rows"] == 4
+    assert verify(manifest.parent) == [] and CacheReader(manifest.parent).manifest.rows == 4
     assert current_holder(manifest.parent) is None and not (manifest.parent / WRITER / LEASE).exists()
 
 
