@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cache_schema.student import StudentGrid
 from cache_schema.views import ViewSpec, apply_view, view_params
-from extract.agents import LoadRequest, Source, StudentInfo, get_agent
+from extract.agents import LoadRequest, Source, get_agent
 from extract.families import ExtractContext, vision
 from pipelines.presets import student_spec
 
 AGENTS = ("dino", "mae", "sam", "vitdet")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-_tiny = student_spec("tiny")
-STUDENT = StudentInfo(_tiny.model, _tiny.pretrained, _tiny.image_size, _tiny.patch_size, _tiny.width, _tiny.layers)
+STUDENT = student_spec("tiny")
 GRID = STUDENT.grid  # 4
 
 
@@ -195,7 +195,7 @@ def test_bad_inputs_are_named(images, runtimes):
         vision.compute(runtimes["dino"], [("missing.png", 0)], context(images))
     with pytest.raises(ValueError, match="dtype"):
         vision.arrays(runtimes["dino"], context(images, dtype="bfloat16"))
-    other = StudentInfo("ViT-B-16", "openai", 224, 16, 768, 12)
+    other = StudentGrid("ViT-B-16", "openai", 224, 16, 768, 12)
     with pytest.raises(ValueError, match="student"):
         vision.compute(runtimes["dino"], [(images[1][0], 0)], context(images, student=other))
 
@@ -221,7 +221,7 @@ def test_real_size_shapes():
 
     from extract.agents import dino, sam
 
-    student = StudentInfo("ViT-B-16", "openai", 224, 16, 768, 12)
+    student = StudentGrid("ViT-B-16", "openai", 224, 16, 768, 12)
     encoder = sam.at_image_size(SamVisionEncoder(SamVisionConfig()), 224)
     assert encoder.layers[2].attn.rel_pos_h.shape == (27, 64) and encoder.pos_embed.shape == (1, 14, 14, 768)
     sam_runtime = sam.SamRuntime(encoder, student, mean=sam.SAM_PIXEL_MEAN, std=sam.SAM_PIXEL_STD, pixel_scale=255)
