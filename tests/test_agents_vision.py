@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cache_schema.quantize import dequantize_int8, quantize_int8
 from cache_schema.student import StudentGrid
 from cache_schema.views import ViewSpec, apply_view, view_params
 from extract.agents import LoadRequest, Source, get_agent
@@ -115,11 +116,30 @@ def test_int8_round_trip(images, runtimes):
     specs = vision.arrays(runtimes["vitdet"], context(images, dtype="int8"))
     assert quantised["tokens"].dtype == np.int8 and specs["tokens"].dtype == "int8"
     assert quantised["tokens_scale"].shape == (len(rows), *specs["tokens_scale"].row_shape)
-    restored = vision.dequantise_int8(quantised["tokens"], quantised["tokens_scale"])
+    restored = dequantize_int8(quantised["tokens"], quantised["tokens_scale"])
     peak = np.abs(exact["tokens"]).max(axis=-1, keepdims=True)
     assert (np.abs(restored - exact["tokens"]) <= peak / 127 * 0.5 + 1e-7).all()
     assert np.abs(quantised["tokens"]).max() == 127
     np.testing.assert_array_equal(quantised["token_mean"], exact["token_mean"])  # means come from float tokens
+
+
+def test_an_all_zero_token_has_one_scale_in_both_stages(images, runtimes, monkeypatch):
+    """Stage 1 writes what the shared codec computes; before, it stored scale 1 for an all-zero token where the
+    codec stage 2 imports said 0."""
+    runtime = runtimes["vitdet"]
+    encode = runtime.encode
+
+    def one_token_zero(pixels):
+        tokens = encode(pixels)
+        tokens[:, :, 0] = 0
+        return tokens
+
+    monkeypatch.setattr(runtime, "encode", one_token_zero)
+    written = vision.compute(runtime, vision.rows(context(images)), context(images, dtype="int8"))
+    _, codec_scale = quantize_int8(np.zeros((1, written["tokens"].shape[-1]), np.float32))
+    assert codec_scale[0] == 1 and (written["tokens_scale"][:, :, 0] == codec_scale[0]).all()
+    assert not written["tokens"][:, :, 0].any()
+    assert not dequantize_int8(written["tokens"], written["tokens_scale"])[:, :, 0].any()
 
 
 def test_mae_is_unmasked_and_deterministic(images, runtimes):

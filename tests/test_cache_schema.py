@@ -170,6 +170,9 @@ def test_int8_round_trip():
     restored = dequantize_int8(quantized, scale)
     assert quantized.dtype == np.int8 and scale.shape == (2, 5)
     assert np.abs(restored - values).max() <= np.abs(values).max(axis=-1, keepdims=True).max() / 127
+    quantized, scale = quantize_int8(np.zeros((3, 16), np.float32))
+    assert not quantized.any() and (scale == 1).all()       # an all-zero token: scale 1, as stage 1 writes it
+    assert not dequantize_int8(quantized, scale).any()
 
 
 def test_two_writers_equal_one(tmp_path):
