@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 
 from cache_schema.backends import RowSource, segment_path
-from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, PartialCacheError,
-                                 SchemaVersionError)
+from cache_schema.errors import (AmbiguousCacheError, CacheError, CorruptCacheError, FingerprintMismatch, NoCacheError,
+                                 PartialCacheError, SchemaVersionError)
 from cache_schema.fingerprint import differing_fields, fingerprint, sha256_file
 from cache_schema.layout import (MANIFEST, ROWS, SCHEMA_VERSION, SEGMENTS, content_files, parse_rows, read_json,
                                  required_files, schema_1_allowance)
@@ -92,7 +92,7 @@ def select_cache(cache_root, dataset: str, agent: str, required: dict, hint: str
     candidates = list_caches(cache_root, dataset, agent)
     suffix = f"\n  fill it with: {hint}" if hint else ""
     if not candidates:
-        raise CacheError(f"no cache for agent {agent!r} on dataset {dataset!r} under {cache_root}{suffix}")
+        raise NoCacheError(f"no cache for agent {agent!r} on dataset {dataset!r} under {cache_root}{suffix}")
     matching, closest, damaged = [], None, []
     for path, manifest in candidates:
         if "problem" in manifest:
@@ -108,8 +108,9 @@ def select_cache(cache_root, dataset: str, agent: str, required: dict, hint: str
     if len(complete) == 1 or len(current) == 1:
         return complete[0][0] if len(complete) == 1 else current[0]
     if len(complete) > 1:
-        raise CacheError(f"several complete caches of agent {agent!r} match: "
-                         f"{', '.join(p.name for p, _ in complete)}; pin one with --cache-fingerprint {agent}=<fp>")
+        fingerprints = [path.name for path, _ in complete]
+        raise AmbiguousCacheError(f"several complete caches of agent {agent!r} match: {', '.join(fingerprints)}; "
+                                  f"pin one with --cache-fingerprint {agent}=<fp>", agent, fingerprints)
     if matching:
         raise PartialCacheError(f"the cache of agent {agent!r} ({matching[0][0]}) is partial{suffix}")
     also = f"\n  {len(damaged)} cache(s) of it cannot be read, e.g. {damaged[0]}" if damaged else ""

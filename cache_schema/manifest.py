@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from cache_schema.arrays import DTYPES, ArraySpec
 from cache_schema.backends import BACKENDS
-from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, PartialCacheError,
+from cache_schema.errors import (CorruptCacheError, FingerprintMismatch, NoCacheError, PartialCacheError,
                                  SchemaVersionError)
 from cache_schema.layout import (ARRAY_NAME, MANIFEST, READABLE_SCHEMAS, SHA256, is_inside, is_int, kind_name,
                                  read_json, valid_segment_name)
@@ -89,7 +89,7 @@ def read_manifest(path: Path, versions=READABLE_SCHEMAS) -> dict:
 def complete_manifest(cache_dir: Path) -> dict:
     manifest_path = cache_dir / MANIFEST
     if not manifest_path.is_file():
-        raise CacheError(f"{cache_dir}: no {MANIFEST}; not a cache directory")
+        raise NoCacheError(f"{cache_dir}: no {MANIFEST}; not a cache directory")
     manifest = read_manifest(manifest_path)
     if manifest.get("status") != "complete":
         raise PartialCacheError(f"{cache_dir} is partial; finish it (`transagent extract` with the same options) "

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema.backends import RowSource, segment_path, zarr_metadata_problem
-from cache_schema.errors import CacheError, CorruptCacheError, MissingRowsError, PartialCacheError
+from cache_schema.errors import ChecksumMismatch, CorruptCacheError, MissingRowsError, NoCacheError, PartialCacheError
 from cache_schema.layout import FILES, MANIFEST, ROWS, SEGMENTS, Row, as_rows, parse_json, parse_rows
 from cache_schema.manifest import Manifest, SegmentEntry
 
@@ -24,7 +24,7 @@ class CacheReader:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.exists():
-            raise CacheError(f"{self.path}: no {MANIFEST}; not a cache directory")
+            raise NoCacheError(f"{self.path}: no {MANIFEST}; not a cache directory")
         self.manifest = Manifest.read(manifest_path)
         if not self.manifest.is_complete:
             raise PartialCacheError(f"{self.path} is partial (an extraction was interrupted or is running); "
@@ -52,7 +52,7 @@ class CacheReader:
         for relative in self.manifest.checksums:
             file = self.path / relative
             if file.is_symlink() or not file.is_file():
-                raise CorruptCacheError(f"{self.path}: file {relative} listed in the manifest is missing (or not a "
+                raise ChecksumMismatch(f"{self.path}: file {relative} listed in the manifest is missing (or not a "
                                         "plain file)")
         for relative, spec in self._chunk_sizes():
             size = (self.path / relative).stat().st_size
@@ -120,7 +120,7 @@ def read_row_table(path: Path, manifest: Manifest) -> list[Row]:
     except FileNotFoundError:
         raise CorruptCacheError(f"{path}: {ROWS} is missing; the cache is damaged") from None
     if hashlib.sha256(data).hexdigest() != digest:
-        raise CorruptCacheError(f"{where} does not match its checksum in {MANIFEST} (edited or damaged: its rows "
+        raise ChecksumMismatch(f"{where} does not match its checksum in {MANIFEST} (edited or damaged: its rows "
                                 "could be attached to the wrong images); `transagent cache verify`, then pull or "
                                 "re-extract the cache")
     rows = parse_rows(parse_json(data, where), where)
@@ -146,7 +146,7 @@ def check_array_metadata(path: Path, manifest: Manifest, segment: SegmentEntry) 
             raise CorruptCacheError(f"{path}: {relative} is missing; the cache is damaged") from None
         digest = manifest.checksums.get(relative)
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptCacheError(f"{path}: {relative} does not match its checksum in {MANIFEST} (edited or "
+            raise ChecksumMismatch(f"{path}: {relative} does not match its checksum in {MANIFEST} (edited or "
                                     "damaged); `transagent cache verify`")
         problem = zarr_metadata_problem(parse_json(data, path / relative), spec, segment.rows)
         if problem:

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cache_schema import (CacheError, CacheReader, MissingRowsError, ViewSpec, apply_view, dequantize_int8,
-                          list_caches, select_cache, view_params)
+from cache_schema import (AmbiguousCacheError, CacheError, CacheReader, MissingRowsError, ViewSpec, apply_view,
+                          dequantize_int8, list_caches, select_cache, view_params)
 from cache_schema.manifest import Manifest
 from cache_schema.views import IMAGE_DECODING_VERSION, load_rgb
 
@@ -262,9 +262,7 @@ def _locate(cache_root, dataset, name, required, pin, hint, class_set):
         return path
     try:
         return select_cache(cache_root, dataset, name, required, hint)
-    except CacheError as error:
-        if "several complete caches" not in str(error):
-            raise
+    except AmbiguousCacheError:
         # Several match: t2i agents keep one cache per class set, and caches of an older image decoding stay until
         # `cache gc`. Choose this decoding, then this class set.
         readable = [(path, Manifest.from_dict(data, path)) for path, data in list_caches(cache_root, dataset, name)

@@ -1,9 +1,10 @@
 """The typed manifest: what stage 2 reads from a cache's field tree, and a sentence (not a KeyError) when a
-manifest from elsewhere holds something else there."""
+manifest from elsewhere holds something else there; the typed errors of choosing a cache."""
 import numpy as np
 import pytest
 
-from cache_schema import AgentCache, ArraySpec, CacheReader, CorruptCacheError, ViewSpec
+from cache_schema import (AgentCache, AmbiguousCacheError, ArraySpec, CacheReader, CorruptCacheError, NoCacheError,
+                          ViewSpec, select_cache)
 from cache_schema.manifest import Manifest, SegmentEntry
 
 ARRAYS = {"tokens": ArraySpec((2, 4, 8), "float16"), "token_mean": ArraySpec((2, 8), "float32"),
@@ -13,6 +14,12 @@ VISION_FIELDS = {
     "dataset": {"name": "toyset", "split_hash": "abc"},
     "family": {"view_spec": ViewSpec(seed=3).to_dict(), "image_decoding": 2, "layers": [0, 1]},
 }
+
+
+
+def t2i(class_set):
+    """t2i agents keep one cache per class set."""
+    return {**VISION_FIELDS, "agent": {"family": "t2i"}, "family": {"class_set": class_set, "image_decoding": 2}}
 
 
 def write_cache(root, fields, keys=("a.png", "b.png")):
@@ -87,15 +94,12 @@ def test_provenance_must_be_an_object():
 
 
 def test_choosing_among_several_caches_skips_one_of_another_schema(tmp_path):
-    """t2i agents keep one cache per class set; a copy written by a newer release (schema 3) beside them is not a
-    candidate, so the run's class set still picks one."""
+    """A copy written by a newer release (schema 3) beside a t2i agent's caches is not a candidate, so the run's
+    class set still picks one."""
     import json
     import shutil
 
     from distill.data import _locate
-
-    def t2i(class_set):
-        return {**VISION_FIELDS, "agent": {"family": "t2i"}, "family": {"class_set": class_set, "image_decoding": 2}}
 
     base, _ = write_cache(tmp_path, t2i("base")), write_cache(tmp_path, t2i("all"))
     newer = base.with_name("f" * 16)
@@ -104,3 +108,26 @@ def test_choosing_among_several_caches_skips_one_of_another_schema(tmp_path):
     (newer / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 3, "fingerprint": newer.name}))
     required = {"dataset": VISION_FIELDS["dataset"]}
     assert _locate(tmp_path, "toyset", "toy", required, None, "", "base") == base
+
+
+def test_choosing_a_cache_raises_one_type_per_failure(tmp_path):
+    required = {"dataset": VISION_FIELDS["dataset"]}
+    with pytest.raises(NoCacheError, match="no cache for agent 'toy'"):
+        select_cache(tmp_path, "toyset", "toy", required)
+    paths = sorted([write_cache(tmp_path, t2i("base")), write_cache(tmp_path, t2i("all"))])
+    with pytest.raises(AmbiguousCacheError) as ambiguous:
+        select_cache(tmp_path, "toyset", "toy", required)
+    assert ambiguous.value.agent == "toy" and ambiguous.value.fingerprints == [path.name for path in paths]
+
+
+def test_stage_2_chooses_among_ambiguous_caches_by_the_error_type_not_its_text(tmp_path, monkeypatch):
+    import distill.data
+
+    base, _ = write_cache(tmp_path, t2i("base")), write_cache(tmp_path, t2i("all"))
+
+    def reworded(*args, **kwargs):
+        raise AmbiguousCacheError("two caches fit", "toy", [])
+
+    monkeypatch.setattr(distill.data, "select_cache", reworded)
+    required = {"dataset": VISION_FIELDS["dataset"]}
+    assert distill.data._locate(tmp_path, "toyset", "toy", required, None, "", "base") == base

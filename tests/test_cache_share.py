@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from cache_schema import (AgentCache, ArraySpec, CacheError, CacheReader, CorruptCacheError, FingerprintMismatch,
-                          PartialCacheError, SchemaVersionError, verify)
+                          MergeConflict, PartialCacheError, SchemaVersionError, verify)
 from cache_schema.install import install_pack
 from cache_schema.leases import reading
-from cache_schema.merge import MergeConflict, merge
+from cache_schema.merge import merge
 from cache_schema.pack import pack_cache
 from pipelines.commands.cache import cache as cache_cli
 from pipelines.share import RemoteError, pull, push, read_index
