@@ -110,7 +110,7 @@ def select_cache(cache_root, dataset: str, agent: str, required: dict, hint: str
     if len(complete) > 1:
         fingerprints = [path.name for path, _ in complete]
         raise AmbiguousCacheError(f"several complete caches of agent {agent!r} match: {', '.join(fingerprints)}; "
-                                  f"pin one with --cache-fingerprint {agent}=<fp>", agent, fingerprints)
+                                  "pin one by its fingerprint", agent, fingerprints)
     if matching:
         raise PartialCacheError(f"the cache of agent {agent!r} ({matching[0][0]}) is partial{suffix}")
     also = f"\n  {len(damaged)} cache(s) of it cannot be read, e.g. {damaged[0]}" if damaged else ""

@@ -113,13 +113,13 @@ def _compare_existing(target: Path, manifest: dict) -> str:
     existing = read_manifest(target / MANIFEST) if (target / MANIFEST).is_file() else {}
     if existing.get("status") != "complete":
         raise PartialCacheError(f"{target} exists but is partial (an extraction is running or was interrupted); "
-                                "finish it, or delete it (`transagent cache gc --apply`), then pull again")
+                                "finish or delete it, then pull again")
     check_same_commit(existing, manifest, str(target), "the pack")
     if existing.get("fingerprint") != manifest["fingerprint"]:
         raise FingerprintMismatch(f"{target}: existing manifest fingerprint {existing.get('fingerprint')} differs "
                                   f"from the pack's {manifest['fingerprint']}")
     if checksums_digest(existing) != checksums_digest(manifest):
         raise DivergedCacheError(f"{target} already exists with other rows ({existing.get('rows')} local, "
-                         f"{manifest.get('rows')} in the pack); pull into another --cache-root and "
-                         "`transagent cache merge` the two")
+                                 f"{manifest.get('rows')} in the pack); pull into another cache root and merge the "
+                                 "two")
     return "present"

@@ -92,7 +92,7 @@ def complete_manifest(cache_dir: Path) -> dict:
         raise NoCacheError(f"{cache_dir}: no {MANIFEST}; not a cache directory")
     manifest = read_manifest(manifest_path)
     if manifest.get("status") != "complete":
-        raise PartialCacheError(f"{cache_dir} is partial; finish it (`transagent extract` with the same options) "
+        raise PartialCacheError(f"{cache_dir} is partial; finish it (extract it again with the same options) "
                                 "before packing or merging it")
     if manifest.get("fingerprint") != cache_dir.name:
         raise CorruptCacheError(f"{cache_dir}: the directory's name {cache_dir.name} differs from the manifest's "
@@ -238,7 +238,7 @@ class Manifest:
 
     @property
     def skipped_keys(self) -> tuple[str, ...]:
-        """provenance.skipped_keys: images `extract --on-error skip` left out (unreadable)."""
+        """provenance.skipped_keys: the images stage 1 was told to leave out because they could not be read."""
         keys = self.provenance.get("skipped_keys") or []
         if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
             raise CorruptCacheError(f"{self.where}: provenance.skipped_keys is {keys!r}, not a list of keys")

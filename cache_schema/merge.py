@@ -25,7 +25,7 @@ def merge(src, dst, batch_rows: int = 64, wait: float = 0.0, callback=None) -> M
     """Add the rows and files of cache `src` to cache `dst` (same fingerprint). New rows go into a new segment
     after dst's last; rows both hold must be byte-identical (else MergeConflict naming the key). Every check
     happens before dst is touched, under dst's writer lock (`wait` seconds for it). A merge killed while copying
-    leaves dst partial (its new segment unfinished): `transagent extract` with the cache's options finishes it, or
+    leaves dst partial (its new segment unfinished): extracting again with the cache's options finishes it, or
     restore dst from its pack. `callback` (fsspec's `set_size`/`relative_update`) follows the rows compared and
     copied."""
     src, dst = Path(src), Path(dst)

@@ -83,7 +83,7 @@ def pack_cache(cache_dir, out, callback=None) -> PackInfo:
                     path = cache_dir / relative
                     if not (path.exists() or path.is_symlink()):
                         raise ChecksumMismatch(f"{cache_dir}: {relative} is listed in the manifest but missing; "
-                                                "refusing to pack a damaged cache (`transagent cache verify`)")
+                                               "refusing to pack a damaged cache")
                     if path.is_symlink() or not (path.is_file() or path.is_dir()):
                         raise CacheError(f"{path}: a cache holds only plain files and directories")
                     if path.is_dir():
@@ -94,7 +94,7 @@ def pack_cache(cache_dir, out, callback=None) -> PackInfo:
                         tar.addfile(_tar_info(f"{fp}/{relative}", size=os.fstat(handle.fileno()).st_size), source)
                     if relative in checksums and source.hexdigest() != checksums[relative]:
                         raise ChecksumMismatch(f"{cache_dir}: checksum mismatch in {relative}; "
-                                                "refusing to pack a damaged cache (`transagent cache verify`)")
+                                               "refusing to pack a damaged cache")
             size, digest = sink.size, sink.hexdigest()
         os.replace(temporary, out)
     finally:
@@ -233,8 +233,8 @@ def _check_free_space(pack_path: Path, members: list[tarfile.TarInfo], destinati
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise NoSpaceError(f"{pack_path}: unpacking needs {_size(needed)}, {probe} has {_size(free)} free; free space "
-                         "(e.g. `transagent cache gc`) and try again")
+        raise NoSpaceError(f"{pack_path}: unpacking needs {_size(needed)}, {probe} has {_size(free)} free; free "
+                           "space and try again")
 
 
 def _size(size: int) -> str:

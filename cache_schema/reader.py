@@ -28,7 +28,7 @@ class CacheReader:
         self.manifest = Manifest.read(manifest_path)
         if not self.manifest.is_complete:
             raise PartialCacheError(f"{self.path} is partial (an extraction was interrupted or is running); "
-                                    "re-run `transagent extract` with the same options to finish it")
+                                    "extracting again with the same options finishes it")
         self.agent = self.manifest.agent
         self.arrays = dict(self.manifest.arrays)
         self.rows = read_row_table(self.path, self.manifest)
@@ -53,7 +53,7 @@ class CacheReader:
             file = self.path / relative
             if file.is_symlink() or not file.is_file():
                 raise ChecksumMismatch(f"{self.path}: file {relative} listed in the manifest is missing (or not a "
-                                        "plain file)")
+                                       "plain file)")
         for relative, spec in self._chunk_sizes():
             size = (self.path / relative).stat().st_size
             if size != spec:
@@ -121,8 +121,8 @@ def read_row_table(path: Path, manifest: Manifest) -> list[Row]:
         raise CorruptCacheError(f"{path}: {ROWS} is missing; the cache is damaged") from None
     if hashlib.sha256(data).hexdigest() != digest:
         raise ChecksumMismatch(f"{where} does not match its checksum in {MANIFEST} (edited or damaged: its rows "
-                                "could be attached to the wrong images); `transagent cache verify`, then pull or "
-                                "re-extract the cache")
+                               "could be attached to the wrong images); verify the cache, then pull or re-extract "
+                               "it")
     rows = parse_rows(parse_json(data, where), where)
     counted = sum(segment.rows for segment in manifest.segments)
     if not counted == manifest.rows == len(rows):
@@ -147,7 +147,7 @@ def check_array_metadata(path: Path, manifest: Manifest, segment: SegmentEntry) 
         digest = manifest.checksums.get(relative)
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             raise ChecksumMismatch(f"{path}: {relative} does not match its checksum in {MANIFEST} (edited or "
-                                    "damaged); `transagent cache verify`")
+                                   "damaged)")
         problem = zarr_metadata_problem(parse_json(data, path / relative), spec, segment.rows)
         if problem:
             raise CorruptCacheError(f"{path / relative}: {problem}; the manifest or the segment was edited")

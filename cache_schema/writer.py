@@ -57,8 +57,8 @@ class AgentCache:
             if diff:
                 raise FingerprintMismatch(f"{path}: manifest fields differ from this run's: {', '.join(diff)}", diff)
             if manifest["backend"] != backend:
-                raise BackendMismatch(f"{path} is a {manifest['backend']} cache; re-run with --backend "
-                                      f"{manifest['backend']} or use another --cache-root", manifest["backend"])
+                raise BackendMismatch(f"{path} is a {manifest['backend']} cache; extract it with that backend, or "
+                                      "into another cache root", manifest["backend"])
             diff = differing_fields(array_dicts, manifest["arrays"], "arrays")
             if diff:
                 raise FingerprintMismatch(f"{path}: array shapes/dtypes differ from this run's: {', '.join(diff)}",
@@ -223,11 +223,11 @@ class AgentCache:
             file = self.path / relative
             if file.is_symlink() or not file.is_file():
                 raise ChecksumMismatch(f"{self.path}: {relative} is listed in the manifest but missing; nothing was "
-                                        "added. Restore the cache (pull it again) or delete it and re-extract")
+                                       "added. Restore the cache (pull it again) or delete it and re-extract")
             if sha256_file(file) != digest:
                 raise ChecksumMismatch(f"{self.path}: {relative} differs from its recorded checksum (damaged or "
-                                        "edited); nothing was added. Restore the cache (pull it again) or delete it "
-                                        "and re-extract")
+                                       "edited); nothing was added. Restore the cache (pull it again) or delete it "
+                                       "and re-extract")
 
     def seal(self, segment: Segment) -> dict:
         """Hash a finished hdf5 segment once: each row is first checked against the sha256 journaled when it was
