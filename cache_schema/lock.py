@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock, Timeout
+
 from cache_schema.errors import CacheError
 
 WRITER = ".writer"       # <cache>/.writer/: not part of the cache (never packed, checksummed or listed)
@@ -168,8 +170,6 @@ class WriterLock:
                 time.sleep(min(POLL, remaining))
 
     def _try_acquire(self) -> None:
-        from filelock import FileLock, Timeout  # here, not at the top: a re-run with nothing to write stays light
-
         if not self.create and not self.cache_dir.is_dir():
             raise CacheError(f"{self.cache_dir}: no such cache directory")
         try:
@@ -292,8 +292,6 @@ def force_unlock(cache_dir) -> Holder | None:
 
     Refused while a live process holds the OS lock: removing the lease would not free the cache, and the lock file
     is never removed (a waiter on the old inode and a newcomer on a new one would both hold it)."""
-    from filelock import FileLock, Timeout
-
     directory = Path(cache_dir) / WRITER
     if not directory.is_dir():
         return None
