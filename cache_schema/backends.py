@@ -22,6 +22,8 @@ import numpy as np
 from cache_schema.arrays import ArraySpec
 from cache_schema.errors import CorruptCacheError
 
+# zarr and h5py are imported only where a segment of theirs is created or opened by its library: a process that
+# reads zarr rows (every stage-2 data worker) never needs zarr, whose import alone takes ~0.2 s.
 BACKENDS = ("zarr", "hdf5")
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cache_schema.arrays import ArraySpec
 from cache_schema.backends import RowSource, segment_path
-from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, PartialCacheError,
-                                 SchemaVersionError)
+from cache_schema.errors import (AmbiguousCacheError, CacheError, CorruptCacheError, FingerprintMismatch, NoCacheError,
+                                 PartialCacheError, SchemaVersionError)
 from cache_schema.fingerprint import differing_fields, fingerprint, sha256_file
 from cache_schema.layout import (MANIFEST, ROWS, SCHEMA_VERSION, SEGMENTS, content_files, parse_rows, read_json,
                                  required_files, schema_1_allowance)
-from cache_schema.manifest import read_manifest
+from cache_schema.manifest import Manifest, read_manifest
 from cache_schema.reader import check_array_metadata, read_row_table
 from cache_schema.writer import AgentCache
 
@@ -25,21 +24,22 @@ def verify(path) -> list[str]:
     if not manifest_path.exists():
         return [f"{path}: no {MANIFEST}"]
     try:
-        manifest = read_manifest(manifest_path)
+        data = read_manifest(manifest_path)
+        manifest = Manifest.from_dict(data, manifest_path)
     except CacheError as error:
         return [str(error)]
     problems = []
-    complete = manifest["status"] == "complete"
+    complete = manifest.is_complete
     if not complete:
-        problems.append(f"{path}: status is {manifest['status']!r}, not 'complete'")
-    if manifest["fingerprint"] != path.name:
-        problems.append(f"{path}: the manifest's fingerprint is {manifest['fingerprint']}, the directory's name is "
+        problems.append(f"{path}: status is {manifest.status!r}, not 'complete'")
+    if manifest.fingerprint != path.name:
+        problems.append(f"{path}: the manifest's fingerprint is {manifest.fingerprint}, the directory's name is "
                         f"{path.name}")
-    expected_fp = fingerprint(manifest["fields"])
+    expected_fp = fingerprint(manifest.fields)
     if expected_fp != path.name:
         problems.append(f"{path}: the manifest's fields hash to fingerprint {expected_fp}, the directory's name is "
                         f"{path.name} (fields edited?)")
-    listed = manifest["checksums"]
+    listed = manifest.checksums
     for relative, checksum in sorted(listed.items()):
         file = path / relative
         if file.is_symlink() or not file.is_file():
@@ -49,18 +49,17 @@ def verify(path) -> list[str]:
     if not complete:
         return problems
     present = set(content_files(path))
-    for relative in sorted(present - set(listed) - schema_1_allowance(manifest)):
+    for relative in sorted(present - set(listed) - schema_1_allowance(data)):
         problems.append(f"{path}: file {relative} is present but not listed in the manifest's checksums")
-    for relative in sorted(required_files(manifest) - set(listed) - present):
+    for relative in sorted(required_files(data) - set(listed) - present):
         problems.append(f"{path}: missing file {relative} (and not listed in the manifest's checksums)")
     if not problems:
         try:
             read_row_table(path, manifest)
-            for segment in manifest["segments"]:
+            for segment in manifest.segments:
                 check_array_metadata(path, manifest, segment)
-                RowSource(segment_path(path / SEGMENTS, segment["name"], manifest["backend"]),
-                          {name: ArraySpec.from_dict(spec) for name, spec in manifest["arrays"].items()},
-                          manifest["backend"], segment["rows"])
+                RowSource(segment_path(path / SEGMENTS, segment.name, manifest.backend), manifest.arrays,
+                          manifest.backend, segment.rows)
         except CacheError as error:
             problems.append(str(error))
     return problems
@@ -93,7 +92,7 @@ def select_cache(cache_root, dataset: str, agent: str, required: dict, hint: str
     candidates = list_caches(cache_root, dataset, agent)
     suffix = f"\n  fill it with: {hint}" if hint else ""
     if not candidates:
-        raise CacheError(f"no cache for agent {agent!r} on dataset {dataset!r} under {cache_root}{suffix}")
+        raise NoCacheError(f"no cache for agent {agent!r} on dataset {dataset!r} under {cache_root}{suffix}")
     matching, closest, damaged = [], None, []
     for path, manifest in candidates:
         if "problem" in manifest:
@@ -109,8 +108,9 @@ def select_cache(cache_root, dataset: str, agent: str, required: dict, hint: str
     if len(complete) == 1 or len(current) == 1:
         return complete[0][0] if len(complete) == 1 else current[0]
     if len(complete) > 1:
-        raise CacheError(f"several complete caches of agent {agent!r} match: "
-                         f"{', '.join(p.name for p, _ in complete)}; pin one with --cache-fingerprint {agent}=<fp>")
+        fingerprints = [path.name for path, _ in complete]
+        raise AmbiguousCacheError(f"several complete caches of agent {agent!r} match: {', '.join(fingerprints)}; "
+                                  "pin one by its fingerprint", agent, fingerprints)
     if matching:
         raise PartialCacheError(f"the cache of agent {agent!r} ({matching[0][0]}) is partial{suffix}")
     also = f"\n  {len(damaged)} cache(s) of it cannot be read, e.g. {damaged[0]}" if damaged else ""

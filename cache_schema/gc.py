@@ -1,7 +1,6 @@
-"""Garbage collection: partial caches, caches no run references, and leftovers of interrupted work."""
+"""Garbage collection: partial caches, caches nobody references, and leftovers of interrupted work."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -9,9 +8,10 @@ from pathlib import Path
 
 from cache_schema.catalogue import disk_usage, list_caches
 from cache_schema.errors import CacheError
-from cache_schema.layout import MANIFEST, read_json
+from cache_schema.layout import MANIFEST
 from cache_schema.leases import INCOMING, TRASH, active_readers, lease_alive, lease_name
 from cache_schema.lock import current_holder, writer_lock
+from cache_schema.manifest import read_manifest
 
 
 @dataclass
@@ -22,43 +22,26 @@ class GcCandidate:
     readers: list[str]      # live leases: such a cache is kept
     status: str = ""        # the manifest's status when listed; removal re-checks it
     writer: str = ""        # the live writer lock's holder: such a cache is kept
+    unreadable: str = ""    # why its manifest cannot be read: such a cache is reported and kept
 
     @property
     def in_use(self) -> bool:
         return bool(self.readers or self.writer)
 
 
-def referenced_caches(cache_root, runs_root) -> set[str] | None:
-    """Cache directories (relative to the cache root, POSIX) named by runs' config.json `caches` (a list of
-    paths, or {agent: path}); None when no run lists any (then only partial caches are garbage)."""
-    runs_root, cache_root = Path(runs_root), Path(cache_root).resolve()
-    found, any_run = set(), False
-    for config in sorted(runs_root.rglob("config.json")) if runs_root.is_dir() else []:
-        try:
-            caches = json.loads(config.read_text()).get("caches")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
-        if caches is None:
-            continue
-        any_run = True
-        for entry in caches.values() if isinstance(caches, dict) else caches:
-            entry = Path(entry)
-            if entry.is_absolute():
-                try:
-                    entry = entry.resolve().relative_to(cache_root)
-                except ValueError:
-                    continue
-            found.add(entry.as_posix())
-    return found if any_run else None
-
-
-def gc_candidates(cache_root, runs_root) -> list[GcCandidate]:
-    """Partial caches, caches no run references, and leftovers of interrupted pulls or gc runs."""
+def gc_candidates(cache_root, referenced: set[str] | None) -> list[GcCandidate]:
+    """Partial caches, complete ones not in `referenced` (cache directories relative to the root, POSIX; None:
+    nobody said which are used, so every complete cache is kept), and leftovers of interrupted pulls or gc runs.
+    A cache whose manifest cannot be read (damaged, or of another schema version) is listed as unreadable: what it
+    holds is unknown, so it is never collected."""
     cache_root = Path(cache_root)
-    referenced = referenced_caches(cache_root, runs_root)
     candidates = []
     for path, manifest in list_caches(cache_root):
         status = manifest.get("status")
+        if "problem" in manifest:
+            candidates.append(GcCandidate(path, "unreadable manifest", disk_usage(path), [], "unreadable",
+                                          unreadable=manifest["problem"]))
+            continue
         if status != "complete":
             reason = f"{status or 'unknown'} cache"
         elif referenced is not None and path.relative_to(cache_root).as_posix() not in referenced:
@@ -77,10 +60,11 @@ def gc_candidates(cache_root, runs_root) -> list[GcCandidate]:
 
 
 def remove_cache(path, cache_root, status: str | None = None, wait: float = 0.0) -> bool:
-    """Delete a cache unless it has a live lease or a writer. Under its writer lock (a held one raises
-    WriterLocked, after `wait` seconds), the status must still be `status` (the one it was chosen for: a partial
-    cache that has just become complete is kept); it is then renamed into `.trash/` (so no new reader can open
-    it) and the leases are checked again there; returns False (and puts it back) if one appeared."""
+    """Delete a cache unless it has a live lease or a writer, or a manifest this code cannot read. Under its writer
+    lock (a held one raises WriterLocked, after `wait` seconds), the status must still be `status` (the one it was
+    chosen for: a partial cache that has just become complete is kept); it is then renamed into `.trash/` (so no
+    new reader can open it) and the leases are checked again there; returns False (and puts it back) if one
+    appeared."""
     path, cache_root = Path(path), Path(cache_root)
     if path.parent.name in (INCOMING, TRASH):
         shutil.rmtree(path, ignore_errors=True)  # a leftover, not a cache
@@ -88,17 +72,18 @@ def remove_cache(path, cache_root, status: str | None = None, wait: float = 0.0)
     if not path.is_dir():
         return False
     with writer_lock(path, wait, purpose="gc", create=False):
-        if status is not None and _status(path) != status:
+        current = _status(path)
+        if current == "unreadable" or (status is not None and current != status):
             return False
         return _remove_unread(path, cache_root)
 
 
 def _status(path: Path) -> str:
+    """The manifest's status; "unreadable" for one this code cannot use (a cache is never deleted unread)."""
     try:
-        manifest = read_json(path / MANIFEST)
+        return read_manifest(path / MANIFEST)["status"]
     except (CacheError, OSError):
         return "unreadable"
-    return str(manifest.get("status", "")) if isinstance(manifest, dict) else "unreadable"
 
 
 def _remove_unread(path: Path, cache_root: Path) -> bool:

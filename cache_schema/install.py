@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_schema.catalogue import verify
-from cache_schema.errors import (CacheError, CorruptCacheError, FingerprintMismatch, PartialCacheError,
-                                 SchemaVersionError)
+from cache_schema.errors import (CacheError, CorruptCacheError, DivergedCacheError, FingerprintMismatch,
+                                 PartialCacheError, SchemaVersionError)
 from cache_schema.fingerprint import sha256_file
 from cache_schema.layout import MANIFEST, READABLE_SCHEMAS
 from cache_schema.leases import incoming_dir
@@ -113,13 +113,13 @@ def _compare_existing(target: Path, manifest: dict) -> str:
     existing = read_manifest(target / MANIFEST) if (target / MANIFEST).is_file() else {}
     if existing.get("status") != "complete":
         raise PartialCacheError(f"{target} exists but is partial (an extraction is running or was interrupted); "
-                                "finish it, or delete it (`transagent cache gc --apply`), then pull again")
+                                "finish or delete it, then pull again")
     check_same_commit(existing, manifest, str(target), "the pack")
     if existing.get("fingerprint") != manifest["fingerprint"]:
         raise FingerprintMismatch(f"{target}: existing manifest fingerprint {existing.get('fingerprint')} differs "
                                   f"from the pack's {manifest['fingerprint']}")
     if checksums_digest(existing) != checksums_digest(manifest):
-        raise CacheError(f"{target} already exists with other rows ({existing.get('rows')} local, "
-                         f"{manifest.get('rows')} in the pack); pull into another --cache-root and "
-                         "`transagent cache merge` the two")
+        raise DivergedCacheError(f"{target} already exists with other rows ({existing.get('rows')} local, "
+                                 f"{manifest.get('rows')} in the pack); pull into another cache root and merge the "
+                                 "two")
     return "present"

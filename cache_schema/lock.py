@@ -11,7 +11,7 @@ between the last journaled row and `complete` would delete finished work. The lo
                 writers on different nodes apart where the file system's locks are node-local. Created exclusively;
                 a heartbeat thread refreshes its mtime while the writer lives. A lease without a heartbeat for
                 `stale_after` seconds (a dead node) is taken over, as is one of this host whose pid is gone;
-                `transagent cache unlock --force DIR` removes the rest.
+                `force_unlock` removes the rest.
 
 The lease is read from a shared file system, so it is hostile input: only its types are trusted, never a path.
 """
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock, Timeout
+
 from cache_schema.errors import CacheError
 
 WRITER = ".writer"       # <cache>/.writer/: not part of the cache (never packed, checksummed or listed)
@@ -38,15 +40,17 @@ LOCK = "lock"
 LEASE = "lease.json"
 STALE_AFTER = 300.0      # seconds without a heartbeat after which a lease belongs to a dead writer
 HEARTBEAT = 30.0         # seconds between two refreshes of a live lease
-POLL = 0.1               # seconds between two attempts while waiting (--wait)
+POLL = 0.1               # seconds between two attempts while waiting for the lock
 
 
 class WriterLocked(CacheError):
-    """Another writer holds the cache; `holder` names it (None: its lease is not written yet)."""
+    """Another writer holds the cache; `holder` names it (None: its lease is not written yet). `cache_dir` is set
+    where waiting or a forced unlock would free it (not where the holder still has the OS file lock)."""
 
-    def __init__(self, message: str, holder: "Holder | None" = None):
+    def __init__(self, message: str, holder: "Holder | None" = None, cache_dir: Path | None = None):
         super().__init__(message)
         self.holder = holder
+        self.cache_dir = cache_dir
 
 
 class WriterLockLost(CacheError):
@@ -121,8 +125,8 @@ def current_holder(cache_dir, stale_after: float = STALE_AFTER) -> Holder | None
 
 def locked_message(cache_dir, holder: Holder | None) -> str:
     who = holder.describe() if holder is not None else "another process (its lease is not written yet)"
-    return (f"{cache_dir} is being written by {who}; one writer per cache: wait for it (--wait SECONDS), or, if "
-            f"that process is dead, `transagent cache unlock --force {cache_dir}`")
+    return (f"{cache_dir} is being written by {who}; one writer per cache: wait for it, or, if that process is "
+            "dead, unlock it by force")
 
 
 class WriterLock:
@@ -166,8 +170,6 @@ class WriterLock:
                 time.sleep(min(POLL, remaining))
 
     def _try_acquire(self) -> None:
-        from filelock import FileLock, Timeout  # here, not at the top: a re-run with nothing to write stays light
-
         if not self.create and not self.cache_dir.is_dir():
             raise CacheError(f"{self.cache_dir}: no such cache directory")
         try:
@@ -176,7 +178,7 @@ class WriterLock:
             os_lock.acquire(timeout=0)
         except Timeout:
             holder = read_lease(self.lease_path)
-            raise WriterLocked(locked_message(self.cache_dir, holder), holder) from None
+            raise WriterLocked(locked_message(self.cache_dir, holder), holder, self.cache_dir) from None
         except OSError as error:
             raise _unlockable(self.cache_dir, error) from None
         try:
@@ -197,7 +199,7 @@ class WriterLock:
         current = read_lease(self.lease_path)
         if current is not None:
             if is_live(current, self.stale_after):
-                raise WriterLocked(locked_message(self.cache_dir, current), current)
+                raise WriterLocked(locked_message(self.cache_dir, current), current, self.cache_dir)
             self._remove_stale(current)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "purpose": self.purpose,
                   "token": self.token}
@@ -205,7 +207,7 @@ class WriterLock:
             fd = os.open(self.lease_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:   # another writer claimed it between our read and our create
             holder = read_lease(self.lease_path)
-            raise WriterLocked(locked_message(self.cache_dir, holder), holder) from None
+            raise WriterLocked(locked_message(self.cache_dir, holder), holder, self.cache_dir) from None
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -224,7 +226,7 @@ class WriterLock:
             except OSError:
                 pass
             aside.unlink(missing_ok=True)
-            raise WriterLocked(locked_message(self.cache_dir, moved), moved)
+            raise WriterLocked(locked_message(self.cache_dir, moved), moved, self.cache_dir)
         aside.unlink(missing_ok=True)
 
     def _heartbeat_loop(self) -> None:
@@ -247,7 +249,7 @@ class WriterLock:
         self.beat()
         if self.lost:
             raise WriterLockLost(f"{self.cache_dir}: this process's writer lock was {self.lost} while it wrote "
-                                 "(`transagent cache unlock --force`, or no heartbeat for "
+                                 "(unlocked by force, or no heartbeat for "
                                  f"{self.stale_after:.0f} s); the cache stays partial: re-run the same command")
 
     def release(self) -> None:
@@ -290,8 +292,6 @@ def force_unlock(cache_dir) -> Holder | None:
 
     Refused while a live process holds the OS lock: removing the lease would not free the cache, and the lock file
     is never removed (a waiter on the old inode and a newcomer on a new one would both hold it)."""
-    from filelock import FileLock, Timeout
-
     directory = Path(cache_dir) / WRITER
     if not directory.is_dir():
         return None
@@ -302,7 +302,7 @@ def force_unlock(cache_dir) -> Holder | None:
         holder = read_lease(directory / LEASE)
         who = holder.describe() if holder is not None else "a process whose lease is not written yet"
         raise WriterLocked(f"{cache_dir}: a live process holds its OS file lock ({who}); stop that process "
-                           "instead, `cache unlock` cannot release a lock its holder still has", holder) from None
+                           "instead: a lock its holder still has cannot be released", holder) from None
     except OSError as error:
         raise CacheError(f"{cache_dir}: cannot open its writer lock ({error.strerror or error})") from None
     try:

@@ -5,17 +5,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_schema.catalogue import verify
-from cache_schema.errors import CacheError, CorruptCacheError, FingerprintMismatch
+from cache_schema.errors import CacheError, CorruptCacheError, FingerprintMismatch, MergeConflict, NoCacheError
 from cache_schema.fingerprint import differing_fields, sha256_file
 from cache_schema.layout import FILES, MANIFEST
 from cache_schema.lock import writer_lock
 from cache_schema.manifest import check_same_commit, complete_manifest
 from cache_schema.reader import CacheReader
 from cache_schema.writer import AgentCache
-
-
-class MergeConflict(CacheError):
-    """The same (key, view) or file exists in both caches with different bytes."""
 
 
 @dataclass
@@ -29,14 +25,14 @@ def merge(src, dst, batch_rows: int = 64, wait: float = 0.0, callback=None) -> M
     """Add the rows and files of cache `src` to cache `dst` (same fingerprint). New rows go into a new segment
     after dst's last; rows both hold must be byte-identical (else MergeConflict naming the key). Every check
     happens before dst is touched, under dst's writer lock (`wait` seconds for it). A merge killed while copying
-    leaves dst partial (its new segment unfinished): `transagent extract` with the cache's options finishes it, or
+    leaves dst partial (its new segment unfinished): extracting again with the cache's options finishes it, or
     restore dst from its pack. `callback` (fsspec's `set_size`/`relative_update`) follows the rows compared and
     copied."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CacheError(f"cannot merge {src} into itself")
     if not (dst / MANIFEST).is_file():
-        raise CacheError(f"{dst}: no {MANIFEST}; not a cache directory")
+        raise NoCacheError(f"{dst}: no {MANIFEST}; not a cache directory")
     with writer_lock(dst, wait, purpose=f"merge from {src.name}", create=False) as lock:
         return _merge_locked(src, dst, batch_rows, lock.check, callback)
 

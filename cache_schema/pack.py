@@ -13,7 +13,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cache_schema.errors import CacheError, CorruptCacheError, PartialCacheError
+from cache_schema.errors import CacheError, ChecksumMismatch, CorruptCacheError, NoSpaceError, PartialCacheError
 from cache_schema.fingerprint import canonical_json
 from cache_schema.layout import FILES, MANIFEST, SEGMENTS, parse_json, schema_1_allowance
 from cache_schema.manifest import check_manifest, complete_manifest
@@ -82,8 +82,8 @@ def pack_cache(cache_dir, out, callback=None) -> PackInfo:
                 for relative in members:
                     path = cache_dir / relative
                     if not (path.exists() or path.is_symlink()):
-                        raise CorruptCacheError(f"{cache_dir}: {relative} is listed in the manifest but missing; "
-                                                "refusing to pack a damaged cache (`transagent cache verify`)")
+                        raise ChecksumMismatch(f"{cache_dir}: {relative} is listed in the manifest but missing; "
+                                               "refusing to pack a damaged cache")
                     if path.is_symlink() or not (path.is_file() or path.is_dir()):
                         raise CacheError(f"{path}: a cache holds only plain files and directories")
                     if path.is_dir():
@@ -93,8 +93,8 @@ def pack_cache(cache_dir, out, callback=None) -> PackInfo:
                         source = _HashingReader(handle, callback)
                         tar.addfile(_tar_info(f"{fp}/{relative}", size=os.fstat(handle.fileno()).st_size), source)
                     if relative in checksums and source.hexdigest() != checksums[relative]:
-                        raise CorruptCacheError(f"{cache_dir}: checksum mismatch in {relative}; "
-                                                "refusing to pack a damaged cache (`transagent cache verify`)")
+                        raise ChecksumMismatch(f"{cache_dir}: checksum mismatch in {relative}; "
+                                               "refusing to pack a damaged cache")
             size, digest = sink.size, sink.hexdigest()
         os.replace(temporary, out)
     finally:
@@ -233,8 +233,8 @@ def _check_free_space(pack_path: Path, members: list[tarfile.TarInfo], destinati
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise CacheError(f"{pack_path}: unpacking needs {_size(needed)}, {probe} has {_size(free)} free; free space "
-                         "(e.g. `transagent cache gc`) and try again")
+        raise NoSpaceError(f"{pack_path}: unpacking needs {_size(needed)}, {probe} has {_size(free)} free; free "
+                           "space and try again")
 
 
 def _size(size: int) -> str:

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_schema.arrays import ArraySpec
-from cache_schema.backends import RowSource, segment_path
-from cache_schema.errors import CacheError, CorruptCacheError, MissingRowsError, PartialCacheError
+from cache_schema.backends import RowSource, segment_path, zarr_metadata_problem
+from cache_schema.errors import ChecksumMismatch, CorruptCacheError, MissingRowsError, NoCacheError, PartialCacheError
 from cache_schema.layout import FILES, MANIFEST, ROWS, SEGMENTS, Row, as_rows, parse_json, parse_rows
-from cache_schema.manifest import read_manifest
+from cache_schema.manifest import Manifest, SegmentEntry
 
 
 class CacheReader:
@@ -25,45 +24,45 @@ class CacheReader:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.exists():
-            raise CacheError(f"{self.path}: no {MANIFEST}; not a cache directory")
-        self.manifest = read_manifest(manifest_path)
-        if self.manifest["status"] != "complete":
+            raise NoCacheError(f"{self.path}: no {MANIFEST}; not a cache directory")
+        self.manifest = Manifest.read(manifest_path)
+        if not self.manifest.is_complete:
             raise PartialCacheError(f"{self.path} is partial (an extraction was interrupted or is running); "
-                                    "re-run `transagent extract` with the same options to finish it")
-        self.agent = self.manifest["agent"]
-        self.arrays = {name: ArraySpec.from_dict(spec) for name, spec in self.manifest["arrays"].items()}
+                                    "extracting again with the same options finishes it")
+        self.agent = self.manifest.agent
+        self.arrays = dict(self.manifest.arrays)
         self.rows = read_row_table(self.path, self.manifest)
         self._check_files()
         self._sources, self._location = [], {}
-        for number, segment in enumerate(self.manifest["segments"]):
+        for segment in self.manifest.segments:
             check_array_metadata(self.path, self.manifest, segment)
-            source = RowSource(segment_path(self.path / SEGMENTS, segment["name"], self.manifest["backend"]),
-                               self.arrays, self.manifest["backend"], segment["rows"])
+            source = RowSource(segment_path(self.path / SEGMENTS, segment.name, self.manifest.backend),
+                               self.arrays, self.manifest.backend, segment.rows)
             self._sources.append(source)
         offset = 0
-        for number, segment in enumerate(self.manifest["segments"]):
-            for local in range(segment["rows"]):
+        for number, segment in enumerate(self.manifest.segments):
+            for local in range(segment.rows):
                 self._location[self.rows[offset + local]] = (number, local)
-            offset += segment["rows"]
+            offset += segment.rows
         self.index = {row: i for i, row in enumerate(self.rows)}
         self._in_ram = {name: self._read_all(name) for name in self.arrays if name not in memmap_arrays}
 
     def _check_files(self) -> None:
         """Cheap completeness check (existence and size); `verify` hashes everything."""
-        for relative in self.manifest["checksums"]:
+        for relative in self.manifest.checksums:
             file = self.path / relative
             if file.is_symlink() or not file.is_file():
-                raise CorruptCacheError(f"{self.path}: file {relative} listed in the manifest is missing (or not a "
-                                        "plain file)")
+                raise ChecksumMismatch(f"{self.path}: file {relative} listed in the manifest is missing (or not a "
+                                       "plain file)")
         for relative, spec in self._chunk_sizes():
             size = (self.path / relative).stat().st_size
             if size != spec:
                 raise CorruptCacheError(f"{self.path}: {relative} has {size} bytes, expected {spec} (truncated?)")
 
     def _chunk_sizes(self):
-        if self.manifest["backend"] != "zarr":
+        if self.manifest.backend != "zarr":
             return
-        for relative in self.manifest["checksums"]:
+        for relative in self.manifest.checksums:
             parts = relative.split("/")
             if len(parts) > 3 and parts[0] == SEGMENTS and parts[3] == "c" and parts[2] in self.arrays:
                 yield relative, self.arrays[parts[2]].row_bytes
@@ -110,10 +109,10 @@ class CacheReader:
         return (self.path / FILES / name).read_bytes()
 
 
-def read_row_table(path: Path, manifest: dict) -> list[Row]:
+def read_row_table(path: Path, manifest: Manifest) -> list[Row]:
     """rows.json, checked against its checksum and against the manifest's row counts."""
     where = path / ROWS
-    digest = manifest["checksums"].get(ROWS)
+    digest = manifest.checksums.get(ROWS)
     if digest is None:
         raise CorruptCacheError(f"{path}: {ROWS} is not listed in the manifest's checksums; the cache is damaged")
     try:
@@ -121,37 +120,34 @@ def read_row_table(path: Path, manifest: dict) -> list[Row]:
     except FileNotFoundError:
         raise CorruptCacheError(f"{path}: {ROWS} is missing; the cache is damaged") from None
     if hashlib.sha256(data).hexdigest() != digest:
-        raise CorruptCacheError(f"{where} does not match its checksum in {MANIFEST} (edited or damaged: its rows "
-                                "could be attached to the wrong images); `transagent cache verify`, then pull or "
-                                "re-extract the cache")
+        raise ChecksumMismatch(f"{where} does not match its checksum in {MANIFEST} (edited or damaged: its rows "
+                               "could be attached to the wrong images); verify the cache, then pull or re-extract "
+                               "it")
     rows = parse_rows(parse_json(data, where), where)
-    counted = sum(segment["rows"] for segment in manifest["segments"])
-    if not counted == manifest["rows"] == len(rows):
-        raise CorruptCacheError(f"{path}: {MANIFEST} counts {counted} row(s) in its segments and {manifest['rows']} "
+    counted = sum(segment.rows for segment in manifest.segments)
+    if not counted == manifest.rows == len(rows):
+        raise CorruptCacheError(f"{path}: {MANIFEST} counts {counted} row(s) in its segments and {manifest.rows} "
                                 f"in 'rows', {ROWS} holds {len(rows)}; the cache is damaged")
     if len(set(rows)) != len(rows):
         raise CorruptCacheError(f"{where}: a (key, view id) row appears twice; the cache is damaged")
     return rows
 
 
-def check_array_metadata(path: Path, manifest: dict, segment: dict) -> None:
+def check_array_metadata(path: Path, manifest: Manifest, segment: SegmentEntry) -> None:
     """A zarr segment's own array metadata (zarr.json, checksummed) agrees with the manifest; the hdf5 datasets'
     dtype and shape are checked where the segment is opened (`RowSource`)."""
-    if manifest["backend"] != "zarr":
+    if manifest.backend != "zarr":
         return
-    from cache_schema.backends import zarr_metadata_problem
-
-    for name, spec in manifest["arrays"].items():
-        relative = f"{SEGMENTS}/{segment['name']}.zarr/{name}/zarr.json"
+    for name, spec in manifest.arrays.items():
+        relative = f"{SEGMENTS}/{segment.name}.zarr/{name}/zarr.json"
         try:
             data = (path / relative).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             raise CorruptCacheError(f"{path}: {relative} is missing; the cache is damaged") from None
-        digest = manifest["checksums"].get(relative)
+        digest = manifest.checksums.get(relative)
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptCacheError(f"{path}: {relative} does not match its checksum in {MANIFEST} (edited or "
-                                    "damaged); `transagent cache verify`")
-        problem = zarr_metadata_problem(parse_json(data, path / relative), ArraySpec.from_dict(spec),
-                                        segment["rows"])
+            raise ChecksumMismatch(f"{path}: {relative} does not match its checksum in {MANIFEST} (edited or "
+                                   "damaged)")
+        problem = zarr_metadata_problem(parse_json(data, path / relative), spec, segment.rows)
         if problem:
             raise CorruptCacheError(f"{path / relative}: {problem}; the manifest or the segment was edited")

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image
 
 VIEW_FIELDS = ("x0", "y0", "width", "height", "flip")
 # 1: Pillow's convert("RGB") (16-bit grey clipped: 99.6% of a typical 16-bit PNG turned white);
@@ -86,8 +87,6 @@ def view_params(key: str, view_id: int, width: int, height: int, spec: ViewSpec 
 def decode_rgb(image):
     """8-bit RGB of a PIL image. 16-bit grey (and 32-bit integer, read as 16-bit) is scaled by 255/65535 with
     rounding; Pillow's own conversion clips it at 255."""
-    from PIL import Image
-
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
@@ -97,8 +96,6 @@ def decode_rgb(image):
 
 def load_rgb(path):
     """The image at `path`, fully decoded to 8-bit RGB (`decode_rgb`); errors name the file."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -111,8 +108,6 @@ def load_rgb(path):
 
 def apply_view(image, params, size: int):
     """Crop, resize (bicubic) to size x size and flip a PIL image. The one place both stages build pixels."""
-    from PIL import Image
-
     x0, y0, w, h, flip = (int(v) for v in params)
     view = decode_rgb(image).resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h))
     if flip:

@@ -14,7 +14,8 @@ import numpy as np
 
 from cache_schema.arrays import ArraySpec
 from cache_schema.backends import BACKENDS, RowSource, RowWriter, create_segment, segment_path, zarr_chunk_path
-from cache_schema.errors import CacheError, CorruptCacheError, FingerprintMismatch, PartialCacheError
+from cache_schema.errors import (BackendMismatch, CacheError, ChecksumMismatch, CorruptCacheError, FingerprintMismatch,
+                                 PartialCacheError)
 from cache_schema.fingerprint import differing_fields, fingerprint, sha256_file
 from cache_schema.layout import (FILES, MANIFEST, ROWS, SCHEMA_VERSION, SEGMENTS, SHA256, Row, as_rows, content_files,
                                  is_inside, is_int, json_bytes, parse_rows, read_json, required_files,
@@ -56,8 +57,8 @@ class AgentCache:
             if diff:
                 raise FingerprintMismatch(f"{path}: manifest fields differ from this run's: {', '.join(diff)}", diff)
             if manifest["backend"] != backend:
-                raise CacheError(f"{path} is a {manifest['backend']} cache; re-run with --backend "
-                                 f"{manifest['backend']} or use another --cache-root")
+                raise BackendMismatch(f"{path} is a {manifest['backend']} cache; extract it with that backend, or "
+                                      "into another cache root", manifest["backend"])
             diff = differing_fields(array_dicts, manifest["arrays"], "arrays")
             if diff:
                 raise FingerprintMismatch(f"{path}: array shapes/dtypes differ from this run's: {', '.join(diff)}",
@@ -221,12 +222,12 @@ class AgentCache:
         for relative, digest in sorted(self.manifest["checksums"].items()):
             file = self.path / relative
             if file.is_symlink() or not file.is_file():
-                raise CorruptCacheError(f"{self.path}: {relative} is listed in the manifest but missing; nothing was "
-                                        "added. Restore the cache (pull it again) or delete it and re-extract")
+                raise ChecksumMismatch(f"{self.path}: {relative} is listed in the manifest but missing; nothing was "
+                                       "added. Restore the cache (pull it again) or delete it and re-extract")
             if sha256_file(file) != digest:
-                raise CorruptCacheError(f"{self.path}: {relative} differs from its recorded checksum (damaged or "
-                                        "edited); nothing was added. Restore the cache (pull it again) or delete it "
-                                        "and re-extract")
+                raise ChecksumMismatch(f"{self.path}: {relative} differs from its recorded checksum (damaged or "
+                                       "edited); nothing was added. Restore the cache (pull it again) or delete it "
+                                       "and re-extract")
 
     def seal(self, segment: Segment) -> dict:
         """Hash a finished hdf5 segment once: each row is first checked against the sha256 journaled when it was

@@ -12,14 +12,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cache_schema import (CacheError, CacheReader, MissingRowsError, ViewSpec, apply_view, dequantize_int8,
-                          list_caches, select_cache, view_params)
+from cache_schema import (AmbiguousCacheError, CacheError, CacheReader, MissingRowsError, ViewSpec, apply_view,
+                          dequantize_int8, list_caches, select_cache, view_params)
+from cache_schema.manifest import Manifest
 from cache_schema.views import IMAGE_DECODING_VERSION, load_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_FAMILIES = ("vision", "t2i", "i2t")  # families whose rows were computed from decoded pixels
-DepthFallback = Callable[[str, dict], "int | None"]   # (agent, manifest) -> the agent's block count, for old caches
+DepthFallback = Callable[[str, Manifest], "int | None"]   # (agent, manifest) -> its block count, for old caches
 
 
 class VisionLayers(NamedTuple):
@@ -56,7 +57,7 @@ class TeacherBank:
     @property
     def view_spec(self) -> ViewSpec | None:
         for reader in self.vision.values():
-            return ViewSpec.from_dict(reader.manifest["fields"]["family"]["view_spec"])
+            return reader.manifest.view_spec
         return None
 
     def layer_pairs(self, student_depth: int, chosen=None) -> list[LayerPair]:
@@ -99,7 +100,7 @@ class TeacherBank:
         missing = reader.missing(rows)
         if missing:
             keys = sorted({key for key, _ in missing})
-            skipped = sorted(set(keys) & set(reader.manifest.get("provenance", {}).get("skipped_keys") or []))
+            skipped = sorted(set(keys) & set(reader.manifest.skipped_keys))
             if skipped:
                 raise MissingRowsError(
                     f"agent {name!r}: {len(skipped)} training image(s) were left out of its cache by `extract "
@@ -161,9 +162,9 @@ def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], 
         required = {"dataset": dataset_fields or {"name": dataset, "split_hash": split_hash}}
         path = _locate(cache_root, dataset, name, required, pins.get(name), hint, class_set)
         reader = CacheReader(path)
-        family = reader.manifest["fields"]["agent"]["family"]
+        family = reader.manifest.family
         _check_decoding(name, reader, hint)
-        cached_classes = reader.manifest["fields"]["family"].get("classnames")
+        cached_classes = reader.manifest.classnames
         bank.paths[name] = str(path)
         if family == "vision":
             bank.vision[name] = reader
@@ -186,20 +187,17 @@ def open_teachers(cache_root, dataset: str, split_hash: str, agents: list[str], 
     return bank
 
 
-def stored_vision_layers(name: str, manifest: dict, depth_fallback: DepthFallback | None = None) -> VisionLayers:
+def stored_vision_layers(name: str, manifest: Manifest, depth_fallback: DepthFallback | None = None) -> VisionLayers:
     """The agent depth and stored layer numbers of a vision cache, from its manifest, checked against each other
     and against the tokens array. Stage 1 records them in provenance["agent_layers"]; for older caches the stored
     layers are fields.family.layers (null = all, so the depth is the token array's layer count), and the depth of
     a subset comes from depth_fallback."""
     where = f"agent {name!r} manifest"
-    try:
-        count = int(manifest["arrays"]["tokens"]["row_shape"][0])
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise ValueError(f"{where}: arrays.tokens has no layer axis") from None
-    fields_layers = manifest.get("fields", {}).get("family", {}).get("layers")
+    count = manifest.token_layers
+    fields_layers = manifest.stored_layers
     if fields_layers is not None:
         fields_layers = _layer_numbers(fields_layers, f"{where}: fields.family.layers")
-    recorded = (manifest.get("provenance") or {}).get("agent_layers")
+    recorded = manifest.agent_layers
     if recorded is not None:
         if not isinstance(recorded, dict):
             raise ValueError(f"{where}: provenance.agent_layers must be an object, got {recorded!r}")
@@ -244,7 +242,7 @@ def _layer_list(layers) -> str:
 
 def _own_space(reader: CacheReader) -> bool:
     """Language features in an encoder's own space (not the student's) feed L_REL, not L_LAC."""
-    return reader.manifest["fields"]["agent"]["preprocessing"].get("space") == "own"
+    return reader.manifest.embedding_space == "own"
 
 
 def _check_classes(name, classnames, reader, cached=None):
@@ -264,29 +262,27 @@ def _locate(cache_root, dataset, name, required, pin, hint, class_set):
         return path
     try:
         return select_cache(cache_root, dataset, name, required, hint)
-    except CacheError as error:
-        if "several complete caches" not in str(error):
-            raise
+    except AmbiguousCacheError:
         # Several match: t2i agents keep one cache per class set, and caches of an older image decoding stay until
         # `cache gc`. Choose this decoding, then this class set.
-        complete = [(path, manifest) for path, manifest in list_caches(cache_root, dataset, name)
-                    if manifest.get("status") == "complete"
-                    and manifest["fields"]["dataset"] == {**manifest["fields"]["dataset"], **required["dataset"]}]
+        readable = [(path, Manifest.from_dict(data, path)) for path, data in list_caches(cache_root, dataset, name)
+                    if "problem" not in data]
+        complete = [(path, manifest) for path, manifest in readable if manifest.is_complete
+                    and manifest.dataset_fields == {**manifest.dataset_fields, **required["dataset"]}]
         current = [(path, manifest) for path, manifest in complete
                    if _decoding(manifest) in (None, IMAGE_DECODING_VERSION)]
         for matches in (current, [(path, manifest) for path, manifest in current
-                                  if manifest["fields"]["family"].get("class_set") == class_set]):
+                                  if manifest.class_set == class_set]):
             if len(matches) == 1:
                 return matches[0][0]
         raise
 
 
-def _decoding(manifest: dict) -> int | None:
+def _decoding(manifest: Manifest) -> int | None:
     """The image decoding a cache's rows were computed with (None: not computed from pixels; absent = 1)."""
-    fields = manifest["fields"]
-    if fields["agent"].get("family") not in IMAGE_FAMILIES:
+    if manifest.family not in IMAGE_FAMILIES:
         return None
-    return fields["family"].get("image_decoding", 1)
+    return 1 if manifest.image_decoding is None else manifest.image_decoding
 
 
 def _check_decoding(name: str, reader: CacheReader, hint: str) -> None:

@@ -16,49 +16,41 @@ global torch RNG, so the caller's run seed decides it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache_schema.student import StudentGrid
+
 PROMPT_STD = 0.02
 
 
-@dataclass(frozen=True)
-class StudentGeometry:
-    """What caches and gates must agree with: the patch grid, token width and block counts of both towers."""
-
-    image_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    width: int          # vision token dimension
-    layers: int         # vision blocks
-    text_width: int
-    text_layers: int
-    embed_dim: int      # joint image-text space
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-def student_geometry(clip: nn.Module) -> StudentGeometry:
-    """Geometry of an open_clip `CLIP` model."""
+def student_geometry(clip: nn.Module) -> StudentGrid:
+    """The grid, widths and depths of an open_clip `CLIP` model, measured (its open_clip name is not needed)."""
     visual = clip.visual
-    return StudentGeometry(
-        image_size=tuple(visual.image_size),
-        patch_size=tuple(visual.patch_size),
+    image_size, patch_size = _side(visual.image_size, "image_size"), _side(visual.patch_size, "patch_size")
+    return StudentGrid(
+        model=None,
+        pretrained=None,
+        image_size=image_size,
+        patch_size=patch_size,
         width=visual.transformer.width,
         layers=len(visual.transformer.resblocks),
         text_width=clip.transformer.width,
         text_layers=len(clip.transformer.resblocks),
         embed_dim=visual.output_dim,
     )
+
+
+def _side(size, what: str) -> int:
+    """The side of a square size (open_clip stores sizes as pairs); views and caches are square."""
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height != width:
+        raise ValueError(f"the student's vision {what} is {height}x{width}; only square inputs are supported "
+                         "(views and cached token grids are square)")
+    return int(height)
 
 
 def _check_supported(clip: nn.Module) -> None:

@@ -172,7 +172,7 @@ class Trainer:
                 group["lr"] = lr
             items = epoch_items(self.keys, self.labels, self.views, self.config.seed, self.epoch)
             loader = torch.utils.data.DataLoader(
-                ViewImages(self.image_root, items, self.student.geometry.image_size[0], self.view_spec, self.mean,
+                ViewImages(self.image_root, items, self.student.geometry.image_size, self.view_spec, self.mean,
                            self.std),
                 batch_size=self.config.batch_size, shuffle=False, drop_last=len(items) >= self.config.batch_size,
                 num_workers=self.config.workers)
@@ -270,7 +270,7 @@ def evaluate(student, samples, classnames, image_root, batch_size: int = 100, de
         return float("nan")
     student.eval()
     device = torch.device(device)
-    size = student.geometry.image_size[0]
+    size = student.geometry.image_size
     mean = getattr(student.clip.visual, "image_mean", None) or CLIP_MEAN
     std = getattr(student.clip.visual, "image_std", None) or CLIP_STD
     text = F.normalize(student.encode_text(list(classnames)).float(), dim=-1)

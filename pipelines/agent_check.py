@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.extraction import (ExtractOptions, agent_weights, build_jobs, downloads_weights, estimate_bytes,
-                                  format_bytes, skipped_agents, student_info)
+                                  format_bytes, skipped_agents)
+from pipelines.presets import student_spec
 
 
 @dataclass
@@ -42,7 +43,7 @@ def plan(options: ExtractOptions, with_dataset: bool) -> tuple[list[CheckItem], 
         jobs = [job for job in build_jobs(options) if job.spec.name not in skipped]
         return items_from_jobs(jobs, options), skipped
     check_agent_options(options, agents)
-    student = student_info(options.preset)
+    student = student_spec(options.preset)
     items = []
     for name in resolve_agents(options.agents, tuple(agents)):
         if name in skipped:

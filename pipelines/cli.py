@@ -40,6 +40,14 @@ class LazyGroup(click.Group):
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
+def _explained(error: Exception) -> str:
+    """A cache error's message with the command that fixes it (cache_schema names none)."""
+    from cache_schema.errors import CacheError
+    from pipelines.cache_hints import explained
+
+    return explained(error) if isinstance(error, CacheError) else str(error)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cache_schema.errors import CacheError
     from distill.checkpoints import CheckpointError
@@ -75,7 +83,7 @@ def _translated(callback):
         except Exception as error:  # noqa: BLE001 - only the user's errors are translated, the rest re-raised
             if not isinstance(error, _user_errors()):
                 raise
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(_explained(error)) from None
     return run
 
 

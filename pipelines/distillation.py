@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cache_schema.manifest import Manifest
 from pipelines.presets import resolve_agents, student_spec
 from pipelines.protocols import EPOCHS, PROMPT_DEPTH, harmonic_mean, test_sets, training_set
 
@@ -220,10 +221,10 @@ def check_run_images(dataset, train_keys, protocol: str, selection: Path) -> Non
                            f"({advice}); the first {min(len(problems), MAX_LISTED)}:\n{listed}")
 
 
-def agent_spec_depth(agent: str, manifest: dict) -> int | None:
+def agent_spec_depth(agent: str, manifest: Manifest) -> int | None:
     """The block count of a vision cache's agent, for caches made before stage 1 recorded it: the tiny config the
     manifest records, else the agent registry's depth for the real model (the registry is imported only here)."""
-    tiny_config = manifest.get("fields", {}).get("agent", {}).get("tiny_config")
+    tiny_config = manifest.tiny_config
     if isinstance(tiny_config, dict) and "num_hidden_layers" in tiny_config:
         return tiny_config["num_hidden_layers"]
     from extract.agents import get_agent

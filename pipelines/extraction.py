@@ -39,13 +39,6 @@ class ExtractOptions:
     agent_settings: dict[str, dict] = field(default_factory=dict)   # --agent-option AGENT:KEY=VALUE (pipelines.texts)
 
 
-def student_info(preset: str):
-    from extract.agents.base import StudentInfo
-
-    spec = student_spec(preset)
-    return StudentInfo(spec.model, spec.pretrained, spec.image_size, spec.patch_size, spec.width, spec.layers)
-
-
 def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None, skipped: dict | None = None) -> list:
     """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set); sd
     after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made;
@@ -65,7 +58,7 @@ def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None, sk
     check_agent_options(options, agents)
     files = {name: given["descriptions"] for name, given in options.agent_options.items() if "descriptions" in given}
     check_settings(options.agent_settings, tuple(agents), files)
-    student = student_info(options.preset)
+    student = student_spec(options.preset)
     keys_by_class_set: dict[str, set[str]] = {}
     for protocol in options.protocols:
         for shots in options.shots:

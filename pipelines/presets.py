@@ -3,33 +3,20 @@
 A preset names the student and, per agent, whether the agent's tiny config or its real source is used. The
 agents themselves are registry entries in `extract.agents`; this file only says which flavour to build.
 """
-from dataclasses import dataclass
 from pathlib import Path
+
+from cache_schema.student import StudentGrid
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
-@dataclass(frozen=True)
-class StudentSpec:
-    model: str               # open_clip architecture name
-    pretrained: str | None   # open_clip pretrained tag or checkpoint path; None = random init (seeded)
-    image_size: int
-    patch_size: int
-    width: int               # vision transformer width = token dimension
-    layers: int
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-
 PRESETS = {
-    "paper": StudentSpec("ViT-B-16", "openai", image_size=224, patch_size=16, width=768, layers=12),
-    "tiny": StudentSpec("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3),
+    "paper": StudentGrid("ViT-B-16", "openai", image_size=224, patch_size=16, width=768, layers=12),
+    "tiny": StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3),
 }
 
 
-def student_spec(preset: str) -> StudentSpec:
+def student_spec(preset: str) -> StudentGrid:
     try:
         return PRESETS[preset]
     except KeyError:

@@ -24,6 +24,7 @@ from cache_schema.layout import READABLE_SCHEMAS, SHA256
 from cache_schema.leases import incoming_dir
 from cache_schema.manifest import read_manifest
 from cache_schema.pack import PACK_EXT, checksums_digest, pack_cache
+from pipelines.cache_hints import explained
 
 INDEX = "index.json"
 READ_ONLY_PROTOCOLS = ("http", "https")
@@ -211,7 +212,7 @@ def push_root(path, url: str, dataset: str | None = None, agent: str | None = No
         except CacheError as error:
             if not keep_going:
                 raise
-            results.append(PushResult(name, None, "failed", str(error)))
+            results.append(PushResult(name, None, "failed", explained(error)))
     return results
 
 
@@ -257,7 +258,7 @@ def _pull_one(fs, remote: str, url: str, cache_root: Path, entry: dict | None, k
     except CacheError as error:
         if not keep_going:
             raise
-        return PullResult(name, None, "failed", str(error))
+        return PullResult(name, None, "failed", explained(error))
 
 
 def _install(fs, remote: str, url: str, cache_root: Path, entry: dict | None, wait: float = 0.0,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.agents import LoadRequest, StudentInfo, get_agent
+from extract.agents import LoadRequest, get_agent
 from extract.families import ExtractContext, language
 from pipelines.presets import register_model_configs, student_spec
 
@@ -21,8 +21,7 @@ DESCRIPTIONS = {  # keys as description files spell them: case and '_' differ fr
 }
 QUICK = {"questions": ["What does {} look like?", "A description of an image of {}:"], "generations": 2,
          "max_new_tokens": 6}
-_tiny = student_spec("tiny")
-STUDENT = StudentInfo(_tiny.model, _tiny.pretrained, _tiny.image_size, _tiny.patch_size, _tiny.width, _tiny.layers)
+STUDENT = student_spec("tiny")
 
 
 @pytest.fixture(scope="module")

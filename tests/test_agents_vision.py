@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cache_schema.quantize import dequantize_int8, quantize_int8
+from cache_schema.student import StudentGrid
 from cache_schema.views import ViewSpec, apply_view, view_params
-from extract.agents import LoadRequest, Source, StudentInfo, get_agent
+from extract.agents import LoadRequest, Source, get_agent
 from extract.families import ExtractContext, vision
 from pipelines.presets import student_spec
 
 AGENTS = ("dino", "mae", "sam", "vitdet")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-_tiny = student_spec("tiny")
-STUDENT = StudentInfo(_tiny.model, _tiny.pretrained, _tiny.image_size, _tiny.patch_size, _tiny.width, _tiny.layers)
+STUDENT = student_spec("tiny")
 GRID = STUDENT.grid  # 4
 
 
@@ -115,11 +116,30 @@ def test_int8_round_trip(images, runtimes):
     specs = vision.arrays(runtimes["vitdet"], context(images, dtype="int8"))
     assert quantised["tokens"].dtype == np.int8 and specs["tokens"].dtype == "int8"
     assert quantised["tokens_scale"].shape == (len(rows), *specs["tokens_scale"].row_shape)
-    restored = vision.dequantise_int8(quantised["tokens"], quantised["tokens_scale"])
+    restored = dequantize_int8(quantised["tokens"], quantised["tokens_scale"])
     peak = np.abs(exact["tokens"]).max(axis=-1, keepdims=True)
     assert (np.abs(restored - exact["tokens"]) <= peak / 127 * 0.5 + 1e-7).all()
     assert np.abs(quantised["tokens"]).max() == 127
     np.testing.assert_array_equal(quantised["token_mean"], exact["token_mean"])  # means come from float tokens
+
+
+def test_an_all_zero_token_has_one_scale_in_both_stages(images, runtimes, monkeypatch):
+    """Stage 1 writes what the shared codec computes; before, it stored scale 1 for an all-zero token where the
+    codec stage 2 imports said 0."""
+    runtime = runtimes["vitdet"]
+    encode = runtime.encode
+
+    def one_token_zero(pixels):
+        tokens = encode(pixels)
+        tokens[:, :, 0] = 0
+        return tokens
+
+    monkeypatch.setattr(runtime, "encode", one_token_zero)
+    written = vision.compute(runtime, vision.rows(context(images)), context(images, dtype="int8"))
+    _, codec_scale = quantize_int8(np.zeros((1, written["tokens"].shape[-1]), np.float32))
+    assert codec_scale[0] == 1 and (written["tokens_scale"][:, :, 0] == codec_scale[0]).all()
+    assert not written["tokens"][:, :, 0].any()
+    assert not dequantize_int8(written["tokens"], written["tokens_scale"])[:, :, 0].any()
 
 
 def test_mae_is_unmasked_and_deterministic(images, runtimes):
@@ -195,7 +215,7 @@ def test_bad_inputs_are_named(images, runtimes):
         vision.compute(runtimes["dino"], [("missing.png", 0)], context(images))
     with pytest.raises(ValueError, match="dtype"):
         vision.arrays(runtimes["dino"], context(images, dtype="bfloat16"))
-    other = StudentInfo("ViT-B-16", "openai", 224, 16, 768, 12)
+    other = StudentGrid("ViT-B-16", "openai", 224, 16, 768, 12)
     with pytest.raises(ValueError, match="student"):
         vision.compute(runtimes["dino"], [(images[1][0], 0)], context(images, student=other))
 
@@ -221,7 +241,7 @@ def test_real_size_shapes():
 
     from extract.agents import dino, sam
 
-    student = StudentInfo("ViT-B-16", "openai", 224, 16, 768, 12)
+    student = StudentGrid("ViT-B-16", "openai", 224, 16, 768, 12)
     encoder = sam.at_image_size(SamVisionEncoder(SamVisionConfig()), 224)
     assert encoder.layers[2].attn.rel_pos_h.shape == (27, 64) and encoder.pos_embed.shape == (1, 14, 14, 768)
     sam_runtime = sam.SamRuntime(encoder, student, mean=sam.SAM_PIXEL_MEAN, std=sam.SAM_PIXEL_STD, pixel_scale=255)

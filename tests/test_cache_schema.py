@@ -88,7 +88,7 @@ def test_incremental_rows_go_to_a_new_segment(tmp_path):
     write_all(tmp_path, first, "zarr")
     path = write_all(tmp_path, first + extra, "zarr")
     reader = CacheReader(path)
-    assert [s["name"] for s in reader.manifest["segments"]] == ["seg-00000", "seg-00001"]
+    assert [s.name for s in reader.manifest.segments] == ["seg-00000", "seg-00001"]
     assert reader.rows == sorted(first) + sorted(extra)
     np.testing.assert_array_equal(reader.read("tokens", [extra[0]])[0], row_values(extra[0])["tokens"])
 
@@ -170,6 +170,9 @@ def test_int8_round_trip():
     restored = dequantize_int8(quantized, scale)
     assert quantized.dtype == np.int8 and scale.shape == (2, 5)
     assert np.abs(restored - values).max() <= np.abs(values).max(axis=-1, keepdims=True).max() / 127
+    quantized, scale = quantize_int8(np.zeros((3, 16), np.float32))
+    assert not quantized.any() and (scale == 1).all()       # an all-zero token: scale 1, as stage 1 writes it
+    assert not dequantize_int8(quantized, scale).any()
 
 
 def test_two_writers_equal_one(tmp_path):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache_schema import (AgentCache, ArraySpec, CacheError, CacheReader, CorruptCacheError, FingerprintMismatch,
-                          PartialCacheError, SchemaVersionError, verify)
+from cache_schema import (AgentCache, ArraySpec, CacheReader, CorruptCacheError, DivergedCacheError,
+                          FingerprintMismatch, MergeConflict, PartialCacheError, SchemaVersionError, verify)
+from cache_schema.gc import remove_cache
 from cache_schema.install import install_pack
 from cache_schema.leases import reading
-from cache_schema.merge import MergeConflict, merge
+from cache_schema.merge import merge
 from cache_schema.pack import pack_cache
 from pipelines.commands.cache import cache as cache_cli
 from pipelines.share import RemoteError, pull, push, read_index
@@ -258,8 +259,10 @@ def test_existing_cache_with_other_rows_is_not_overwritten(tmp_path):
     push(write_cache(tmp_path / "alice", keys_rows(range(3))), url)
     mine = write_cache(tmp_path / "bob", keys_rows(range(2)))
     before = (mine / "rows.json").read_bytes()
-    with pytest.raises(CacheError, match="cache merge"):
+    with pytest.raises(DivergedCacheError, match="merge the two"):
         pull(url, tmp_path / "bob")
+    refused = CliRunner().invoke(cache_cli, ["pull", url, "--cache-root", str(tmp_path / "bob")])
+    assert refused.exit_code == 1 and "`transagent cache merge`" in refused.output   # the command line's hint
     assert (mine / "rows.json").read_bytes() == before
     with pytest.raises(RemoteError, match="--replace"):
         push(mine, url)
@@ -363,3 +366,17 @@ def test_gc_dry_run_apply_and_reading_lease(tmp_path):
     gc("--apply")
     assert not unused.exists() and used.exists() and verify(used) == []
     assert "nothing to collect" in gc("--apply")
+
+
+@pytest.mark.parametrize("spoil", ["{not json", json.dumps({"schema_version": 3, "status": "partial"})])
+def test_gc_reports_a_cache_it_cannot_read_and_keeps_it(tmp_path, spoil):
+    """Before, gc --apply deleted a cache whose manifest it could not read (damaged, or of a newer schema): what
+    such a cache holds is unknown, so it is reported and kept."""
+    root, runs = tmp_path / "cache", tmp_path / "runs"
+    path = write_cache(root, keys_rows([0]))
+    (path / "manifest.json").write_text(spoil)
+    result = CliRunner().invoke(cache_cli, ["gc", "--apply", "--cache-root", str(root), "--runs-root", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert f"unreadable {path}" in result.output and "kept" in result.output and "deleted" not in result.output
+    assert (path / "rows.json").exists()
+    assert remove_cache(path, root, status="unreadable") is False and (path / "rows.json").exists()

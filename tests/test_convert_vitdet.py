@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract.agents import LoadRequest, Source, StudentInfo, get_agent
+from cache_schema.student import StudentGrid
+from extract.agents import LoadRequest, Source, get_agent
 from extract.convert import converters, get_converter
 from extract.convert.vitdet import convert
 
@@ -100,7 +101,7 @@ def test_training_pth_round_trip(tmp_path):
 def test_converted_directory_runs_as_the_vitdet_agent(tmp_path):
     write_model_zoo_pickle(tmp_path / "model.pkl", fake_detectron2_weights())
     out = get_converter("vitdet")(tmp_path / "model.pkl", tmp_path / "vitdet")
-    student = StudentInfo("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
+    student = StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
     runtime = get_agent("vitdet").load(LoadRequest(tiny=False, student=student, source=Source(local_path=str(out))))
     tokens = runtime.encode(torch.randn(2, 3, 32, 32))
     assert tokens.shape == (2, DEPTH, 16, HIDDEN) and torch.isfinite(tokens).all()
@@ -108,7 +109,7 @@ def test_converted_directory_runs_as_the_vitdet_agent(tmp_path):
 
 
 def test_vitdet_without_a_local_path_says_how_to_convert():
-    student = StudentInfo("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
+    student = StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
     with pytest.raises(ValueError, match="agents convert vitdet"):
         get_agent("vitdet").load(LoadRequest(tiny=False, student=student))
 

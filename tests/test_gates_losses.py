@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cache_schema.manifest import Manifest
 from distill.data import TeacherBank, VisionLayers, stored_vision_layers
 from distill.gates import GateSet, MLPGate, NoisyLinearRouter, build_gates
 from distill.losses import (LossWeights, agent_layer_map, ce_loss, class_similarity, distill_loss, kd_kl, lac_loss,
@@ -141,9 +142,12 @@ def test_student_block_for_pairs_layers_by_relative_depth():
 
 
 def vision_manifest(stored=None, count=3, provenance=None, tiny_config=None):
-    return {"arrays": {"tokens": {"row_shape": [count, 16, 64], "dtype": "float16"}},
-            "fields": {"agent": {"tiny_config": tiny_config}, "family": {"layers": stored}},
-            "provenance": provenance or {}}
+    return Manifest.from_dict({
+        "schema_version": 2, "dataset": "eurosat", "agent": "dino", "fingerprint": "0" * 16, "backend": "zarr",
+        "status": "complete", "segments": [], "rows": 0, "checksums": {},
+        "arrays": {"tokens": {"row_shape": [count, 16, 64], "dtype": "float16"}},
+        "fields": {"agent": {"tiny_config": tiny_config}, "family": {"layers": stored}},
+        "provenance": provenance or {}}, "manifest.json")
 
 
 def test_stored_vision_layers_from_the_manifest():
@@ -193,8 +197,8 @@ def test_vision_agents_have_a_depth_for_caches_that_predate_recording_it():
 
     for name, spec in registry().items():
         if spec.family == "vision":
-            assert agent_spec_depth(name, {"fields": {"agent": {"tiny_config": None}}}) == spec.depth == 12, name
-            assert agent_spec_depth(name, {"fields": {"agent": {"tiny_config": spec.tiny_config}}}) == 3, name
+            assert agent_spec_depth(name, vision_manifest(tiny_config=None)) == spec.depth == 12, name
+            assert agent_spec_depth(name, vision_manifest(tiny_config=spec.tiny_config)) == 3, name
 
 
 def test_vac_uses_mapped_agent_layers():

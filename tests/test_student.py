@@ -156,8 +156,17 @@ def test_prompt_checkpoint_round_trip():
 def test_geometry_helper():
     g = tiny(prompt_depth=0).geometry
     spec = student_spec("tiny")
-    assert g.grid == (spec.grid, spec.grid) and g.num_tokens == 16
+    assert (g.image_size, g.patch_size, g.grid, g.num_tokens) == (spec.image_size, spec.patch_size, spec.grid, 16)
     assert (g.width, g.layers, g.text_width, g.text_layers, g.embed_dim) == (spec.width, spec.layers, 64, 3, 32)
+
+
+def test_a_non_square_student_is_refused():
+    """Views and cached token grids are square; a student of another input shape is refused when it is built,
+    not half used (its height taken as its side)."""
+    student = tiny(prompt_depth=0)
+    student.clip.visual.image_size = (32, 48)
+    with pytest.raises(ValueError, match="image_size is 32x48; only square inputs"):
+        student_geometry(student.clip)
 
 
 def test_bad_configurations_are_refused():
@@ -185,7 +194,7 @@ def test_vit_b16_prompt_count_and_token_shape():
     torch.manual_seed(0)
     student = build_student("ViT-B-16", pretrained=None, prompt_depth=9)
     assert sum(p.numel() for p in student.trainable_parameters()) == 46_080   # reference §4.2
-    assert student_geometry(student.clip).grid == (14, 14)
+    assert student_geometry(student.clip).grid == 14
     with torch.no_grad():
         features, tokens = student.encode_image(torch.randn(1, 3, 224, 224))
     assert features.shape == (1, 512) and tokens.shape == (12, 1, 196, 768)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from extract.agents.base import AgentSpec, LoadRequest, Source, StudentInfo
+from extract.agents.base import AgentSpec, LoadRequest, Source
 
 _NOT_AGENTS = {"base"}
 _REGISTRY: dict[str, AgentSpec] | None = None
@@ -32,4 +32,4 @@ def get_agent(name: str) -> AgentSpec:
     return agents[name]
 
 
-__all__ = ["AgentSpec", "LoadRequest", "Source", "StudentInfo", "registry", "get_agent"]
+__all__ = ["AgentSpec", "LoadRequest", "Source", "registry", "get_agent"]

@@ -10,6 +10,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cache_schema.student import StudentGrid
+
 FAMILIES = ("vision", "language", "t2i", "i2t")
 
 
@@ -48,28 +50,12 @@ class KeyAllowance:
         return any(fnmatch.fnmatchcase(key, pattern) for pattern in getattr(self, kind))
 
 
-@dataclass(frozen=True)
-class StudentInfo:
-    """What agents must know about the student: its open_clip model (for text encoding) and its token grid."""
-
-    model: str
-    pretrained: str | None
-    image_size: int
-    patch_size: int
-    width: int
-    layers: int
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-
 @dataclass
 class LoadRequest:
     """Everything `AgentSpec.load` may use. `tiny=True` builds the tiny random config locally (no network)."""
 
     tiny: bool
-    student: StudentInfo
+    student: StudentGrid
     device: str = "cpu"
     dtype: str = "float32"             # compute dtype for the agent ("float16" on GPU for large agents)
     source: Source | None = None       # overrides SPEC.source (e.g. a local path given on the command line)

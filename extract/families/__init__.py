@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache_schema.student import StudentGrid
 from cache_schema.views import ViewSpec
-from extract.agents.base import StudentInfo
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ExtractContext:
     keys: list[str]                    # images that need rows (sorted, unique)
     classnames: list[str]              # the class set, in label order (t2i: the set the scores softmax over)
     template: str                      # dataset prompt template with one "{}", e.g. "a photo of a {}."
-    student: StudentInfo
+    student: StudentGrid
     split_hash: str = ""               # sha256 of the split file: the identity of the keys
     dataset_fields: dict | None = None  # the dataset's identity in fingerprints (None: name + split hash)
     class_set: str = "all"             # "base" | "all" ... (name of the class set; t2i fingerprints it)

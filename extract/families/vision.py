@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
+from cache_schema.quantize import quantize_int8
 from cache_schema.views import IMAGE_DECODING_VERSION, apply_view, load_rgb, view_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,7 +120,7 @@ def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
     out = {"token_mean": tokens.mean(dim=2).cpu().numpy(), "views": np.stack(params).astype(np.int32)}
     tokens = tokens.cpu().numpy()
     if ctx.dtype == "int8":
-        out["tokens"], out["tokens_scale"] = quantise_int8(tokens)
+        out["tokens"], out["tokens_scale"] = quantize_int8(tokens)
     else:
         out["tokens"] = tokens.astype(ctx.dtype)
     return out
@@ -168,18 +169,6 @@ def pool_tokens(tokens, grid: int, pool: int):
     maps = F.avg_pool2d(maps, kernel_size=pool)
     pooled = maps.permute(0, 2, 3, 1).reshape(batch, layers, -1, dim)
     return F.normalize(pooled, dim=-1)
-
-
-def quantise_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-token int8: q = round(x / scale), scale = max|x| / 127 over the last axis."""
-    scale = np.abs(tokens).max(axis=-1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    quantised = np.clip(np.rint(tokens / scale[..., None]), -127, 127).astype(np.int8)
-    return quantised, scale
-
-
-def dequantise_int8(quantised: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return quantised.astype(np.float32) * scale[..., None]
 
 
 def selected_layers(runtime, ctx) -> tuple[int, ...]:

@@ -20,9 +20,9 @@ def cache_keys(rows: int) -> list[str]:
 
 
 def student_info(shapes: Shapes):
-    from extract.agents.base import StudentInfo
+    from cache_schema.student import StudentGrid
 
-    return StudentInfo(shapes.student_model, None, shapes.image_size, shapes.patch_size, shapes.width, shapes.layers)
+    return StudentGrid(shapes.student_model, None, shapes.image_size, shapes.patch_size, shapes.width, shapes.layers)
 
 
 def write_synthetic_caches(cache_root: Path, shapes: Shapes, rows: int, seed: int = 0,

@@ -49,7 +49,7 @@ def _copy_to_hdf5(reader, root: Path) -> Path:
     rows = list(reader.rows)
     values = {name: reader.read(name, rows) for name in reader.arrays}
     position = {row: i for i, row in enumerate(rows)}
-    fields = {key: value for key, value in reader.manifest["fields"].items() if key != "schema_version"}
+    fields = {key: value for key, value in reader.manifest.fields.items() if key != "schema_version"}
     return write_cache(root, reader.agent, fields, reader.arrays, rows,
                        lambda batch: {name: value[[position[row] for row in batch]] for name, value in values.items()},
                        "hdf5")

@@ -17,11 +17,12 @@ def _fail_on_cache_errors(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         from cache_schema import CacheError
+        from pipelines.cache_hints import explained
 
         try:
             return function(*args, **kwargs)
         except CacheError as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(explained(error)) from None
     return wrapper
 
 
@@ -210,18 +211,24 @@ def merge(src_dir, dst_dir, wait):
 def gc(cache_root, runs_root, apply_, wait):
     """Partial caches and caches no run references (runs' config.json `caches`). Dry run unless --apply.
     A cache being written (its writer lock is held) is kept; removal re-checks its status under that lock."""
+    from cache_schema.gc import gc_candidates, remove_cache
     from cache_schema.lock import WriterLocked
-    from cache_schema.gc import gc_candidates, referenced_caches, remove_cache
+    from pipelines.cache_gc import referenced_caches
 
-    if referenced_caches(cache_root, runs_root) is None:
+    referenced = referenced_caches(cache_root, runs_root)
+    if referenced is None:
         click.echo(f"no run under {runs_root} lists its caches: only partial caches and leftovers are candidates")
-    candidates = gc_candidates(cache_root, runs_root)
+    candidates = gc_candidates(cache_root, referenced)
     if not candidates:
         click.echo("nothing to collect")
         return
     freed = 0
     for candidate in candidates:
-        if candidate.writer and not (apply_ and wait):
+        if candidate.unreadable:
+            click.echo(f"unreadable {candidate.path}  ({candidate.unreadable}; kept: gc deletes only caches it can "
+                       "read; `transagent cache verify` says what is wrong, delete the directory by hand if it is not "
+                       "wanted)")
+        elif candidate.writer and not (apply_ and wait):
             click.echo(f"locked    {candidate.path}  ({candidate.reason}; being written by {candidate.writer}; kept)")
         elif candidate.readers:
             click.echo(f"in use    {candidate.path}  ({candidate.reason}; read by {', '.join(candidate.readers)}; "

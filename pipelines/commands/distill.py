@@ -53,6 +53,7 @@ def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, age
             precision, workers, eval_initial, resume, force, stop_after_epoch, pins, report_to):
     """Stage 2: train prompts + gates against the caches; evaluate the last epoch."""
     from cache_schema import CacheError
+    from pipelines.cache_hints import explained
     from pipelines.distillation import DistillOptions
     from pipelines.distillation import distill as run_distill
 
@@ -72,7 +73,9 @@ def distill(dataset, dataset_name, data_root, cache_root, runs_root, preset, age
             report_to=report_to, progress=bars.enabled(), dataset_name=dataset_name)
         try:
             result = run_distill(options)
-        except (CacheError, ValueError, FileNotFoundError, RuntimeError) as error:
+        except CacheError as error:
+            raise click.ClickException(explained(error)) from None
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
             raise click.ClickException(str(error))
         results.append(result)
         click.echo(format_result(result))

@@ -157,6 +157,7 @@ def extract_dataset(dataset, dataset_name, data_root, cache_root, preset, agents
     from cache_schema import CacheError
     from extract.agents import registry
     from extract.runner import drop_keys, is_complete, log, run, unreadable_images
+    from pipelines.cache_hints import explained
     from pipelines.datasets import DatasetError, dataset_slug
     from pipelines.extraction import ExtractOptions, build_jobs, estimate_bytes, format_bytes, skipped_agents
 
@@ -184,7 +185,7 @@ def extract_dataset(dataset, dataset_name, data_root, cache_root, preset, agents
     try:
         todo = [job for job in jobs if not is_complete(job, cache_root)]
     except CacheError as error:
-        raise click.ClickException(str(error))
+        raise click.ClickException(explained(error)) from None
     log_path = log_path or Path(cache_root) / dataset_slug(dataset, dataset_name) / "extract.jsonl"
     if todo and not dry_run:  # before any image is read or model loaded
         device = _resolve_device(device) if device == "auto" else device
@@ -253,11 +254,13 @@ def _refuse_locked_caches(jobs, cache_root) -> None:
     """Another writer holds one of these caches: stop now, before any model loads (every rank sees the same)."""
     from cache_schema.lock import current_holder, locked_message
     from extract.runner import planned_path
+    from pipelines.cache_hints import locked_hint
 
     held = [(path, holder) for path in dict.fromkeys(planned_path(job, cache_root) for job in jobs)
             if (holder := current_holder(path)) is not None]
     if held:
-        raise click.ClickException("\n".join(locked_message(path, holder) for path, holder in held))
+        raise click.ClickException("\n".join(f"{locked_message(path, holder)}\n  {locked_hint(path)}"
+                                             for path, holder in held))
 
 
 def _prepare_dataset(options, world_size: int, download: bool, echo):

@@ -302,7 +302,7 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped_in_both_stages(tmp_
     from distill.data import load_image
     from extract.families import ExtractContext
     from extract.families.t2i import view0_pixels
-    from pipelines.extraction import student_info
+    from pipelines.presets import student_spec
 
     levels = (np.arange(40 * 48, dtype=np.uint32).reshape(40, 48) * 34).astype(np.uint16)  # 0 .. 65246
     Image.fromarray(levels).save(tmp_path / "deep.png")
@@ -312,7 +312,7 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped_in_both_stages(tmp_
     assert student.dtype == np.uint8 and np.array_equal(student[..., 0], expected)
     assert (student == 255).mean() < 0.01
     ctx = ExtractContext(dataset="x", image_root=tmp_path, keys=["deep.png"], classnames=["a"],
-                         template="a photo of a {}.", student=student_info("tiny"))
+                         template="a photo of a {}.", student=student_spec("tiny"))
     agent = view0_pixels(ctx, ["deep.png"], 40, mean=(0, 0, 0), std=(1, 1, 1)).numpy()
     assert (agent >= 0.999).mean() < 0.01
 

@@ -21,6 +21,7 @@ from cache_schema.lock import (LEASE, LOCK, STALE_AFTER, WRITER, WriterLock, Wri
                                current_holder, writer_lock)
 from cache_schema.merge import merge
 from cache_schema.pack import pack_cache
+from pipelines.cache_hints import hint
 from pipelines.cli import main
 
 BACKENDS = ["zarr", "hdf5"]
@@ -139,7 +140,7 @@ def test_gc_apply_during_an_extraction_deletes_nothing(data_root, tmp_path, monk
     assert f"pid {os.getpid()}" in gc.output
     (manifest,) = cache_root.glob("synthetic/dino/*/manifest.json")
     assert json.loads(manifest.read_text())["status"] == "complete"
-    assert verify(manifest.parent) == [] and CacheReader(manifest.parent).manifest["rows"] == 4
+    assert verify(manifest.parent) == [] and CacheReader(manifest.parent).manifest.rows == 4
     assert current_holder(manifest.parent) is None and not (manifest.parent / WRITER / LEASE).exists()
 
 
@@ -210,7 +211,9 @@ def test_second_writer_is_refused_naming_the_holder_or_waits_for_it(tmp_path, ba
         WriterLock(path, purpose="extract toy").acquire()
     message = str(refused.value)
     assert f"pid {os.getpid()} on host {socket.gethostname()}" in message
-    assert "(extract toy) since 20" in message and "--wait" in message and "cache unlock --force" in message
+    assert "(extract toy) since 20" in message and "transagent" not in message
+    advice = hint(refused.value)   # the command line adds the commands
+    assert "--wait SECONDS" in advice and f"cache unlock --force {path}" in advice
 
     waiting, errors = threading.Event(), []
 
