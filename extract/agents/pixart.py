@@ -7,9 +7,10 @@ all-ones attention mask. All cross-attention layers are captured; they share one
 """
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.t2i import T2IAgent, timesteps
+from extract.hub import Source, hub_commit
+from extract.loading import from_pretrained, load_model, seeded, torch_dtype
 
 HUB_ID = "PixArt-alpha/PixArt-XL-2-512x512"
 REVISION = "50f702106901db6d0f8b67eb88e814c56ded2692"

@@ -8,9 +8,10 @@ same feature of the class prompt (the official per-dataset template), L2-normali
 """
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.t2i import T2IAgent, timesteps
+from extract.hub import Source, hub_commit
+from extract.loading import from_pretrained, load_model, seeded, torch_dtype
 
 HUB_ID = "CompVis/stable-diffusion-v1-4"
 REVISION = "133a221b8aa7292a167afc5127cb63fb5005638b"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cache_schema.views import ViewSpec
-from extract.agents.base import StudentInfo
+from extract.student import StudentInfo
 
 
 @dataclass

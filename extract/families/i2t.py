@@ -14,7 +14,7 @@ import numpy as np
 
 from cache_schema.arrays import ArraySpec
 from cache_schema.views import IMAGE_DECODING_VERSION
-from extract.families.t2i import class_prompts, view0_pixels
+from extract.families.inputs import class_prompts, view0_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
-from cache_schema.views import IMAGE_DECODING_VERSION, apply_view, load_rgb, view_params
+from cache_schema.views import IMAGE_DECODING_VERSION
+from extract.families.inputs import class_prompts, view0_pixels
+from extract.families.language import file_sha256, read_descriptions
 
 TEXT_BATCH = 64  # prompts per text-encoder forward (ImageNet has 1000 classes)
 CONDITIONINGS = ("template", "vicuna")
@@ -55,8 +57,6 @@ def fingerprint_fields(ctx) -> dict:
         return {**fields, "conditioning": conditioning, "template": ctx.template}
     if "vicuna_cache" in ctx.options:  # generated descriptions: not written yet when this is planned
         return {**fields, "conditioning": conditioning, "vicuna_cache": ctx.options["vicuna_cache"]}
-    from extract.families.language import file_sha256
-
     return {**fields, "conditioning": conditioning,
             "descriptions_sha256": file_sha256(Path(ctx.options["descriptions"]))}
 
@@ -83,8 +83,6 @@ def class_texts(runtime, ctx) -> list[list[str]]:
         raise ValueError(f"this agent conditions on {list(runtime.conditionings)}, not {conditioning!r}")
     if conditioning == "template":
         return [[prompt] for prompt in class_prompts(ctx.template, ctx.classnames)]
-    from extract.families.language import read_descriptions
-
     path = Path(ctx.options["descriptions"])
     if "vicuna_cache" in ctx.options and not path.is_file():
         raise FileNotFoundError(f"{path}: the descriptions vicuna generated are not there; extract vicuna first "
@@ -106,27 +104,6 @@ def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
     class_tokens = runtime.class_tokens(class_texts(runtime, ctx))
     pixels = view0_pixels(ctx, keys, runtime.image_size)
     return {"scores": runtime.scores(pixels, class_tokens).cpu().numpy().astype(np.float32)}
-
-
-def class_prompts(template: str, classnames) -> list[str]:
-    if "{}" not in template:
-        raise ValueError(f"prompt template must contain '{{}}' for the class name, got {template!r}")
-    return [template.format(name) for name in classnames]
-
-
-def view0_pixels(ctx, keys, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-    """View 0 of each image at size x size, normalised: float tensor [B, 3, size, size]. The default mean/std map
-    [0, 1] to [-1, 1], the VAE's input range."""
-    import torch
-
-    batch = []
-    for key in keys:
-        image = load_rgb(ctx.image_path(key))
-        view = apply_view(image, view_params(key, 0, image.width, image.height, ctx.view_spec), size)
-        batch.append(np.asarray(view, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-    mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return torch.from_numpy((np.stack(batch) - mean) / std)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def _preflight(todo: list, options, say) -> list:
         say("agents check: the tiny preset builds every agent from its config (nothing to download or verify)")
         return todo
     items = items_from_jobs(todo, options)
-    results = run_checks(items, options, say=say, on_result=lambda result: say(format_result(result)))
+    results = run_checks(items, options, on_result=lambda result: say(format_result(result)))
     say(summary(results))
     failed = [result for result in results if result.status == "failed"]
     if failed:
