@@ -205,16 +205,19 @@ def install_capture(denoiser, prefixes: tuple[str, ...], store: AttentionStore) 
 class T2IAgent:
     """What `compute` needs from a loaded T2I agent. Subclasses encode texts and call their denoiser once.
 
-    vae, denoiser: diffusers AutoencoderKL and the conditional denoiser; image_size: pixels fed to the VAE;
-    resolutions: the spatial sizes (HW) of the captured maps; capture_prefixes: which cross-attention layers count;
-    resolved_revision: the hub commit the weights came from (recorded in the manifest), None for tiny/local.
+    vae, denoiser: diffusers AutoencoderKL and the conditional denoiser; text_encoder, tokenizer: what encodes the
+    class texts; image_size: pixels fed to the VAE; resolutions: the spatial sizes (HW) of the captured maps;
+    capture_prefixes: which cross-attention layers count; resolved_revision: the hub commit the weights came from
+    (recorded in the manifest), None for tiny/local.
     """
 
     conditionings: tuple[str, ...] = ("template",)   # what its class vectors may be made of (see conditioning_of)
 
-    def __init__(self, *, vae, denoiser, image_size: int, resolutions: tuple[int, ...],
+    def __init__(self, *, vae, denoiser, text_encoder, tokenizer, image_size: int, resolutions: tuple[int, ...],
                  capture_prefixes: tuple[str, ...], device: str, resolved_revision: str | None = None):
         self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.image_size = int(image_size)
         self.resolutions = tuple(sorted(resolutions))
@@ -246,7 +249,8 @@ class T2IAgent:
                 features = torch.cat([self.text_features(flat[i:i + TEXT_BATCH]).float()
                                       for i in range(0, len(flat), TEXT_BATCH)])
             bounds = np.cumsum([0] + [len(texts) for texts in groups])
-            means = torch.stack([features[start:end].mean(dim=0) for start, end in zip(bounds[:-1], bounds[1:])])
+            means = torch.stack([features[start:end].mean(dim=0)
+                                 for start, end in zip(bounds[:-1], bounds[1:], strict=True)])
             self._class_tokens[groups] = l2_normalise(means).to(self.denoiser.dtype)
         return self._class_tokens[groups]
 
@@ -269,6 +273,11 @@ class T2IAgent:
             return self.store.scores(self.resolutions)
         finally:
             self.store.clear()
+
+
+def latent_size(vae, image_size: int) -> int:
+    """The latent side for `image_size` pixels: the VAE halves the side between its blocks."""
+    return image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def timesteps(batch_size: int, device):
