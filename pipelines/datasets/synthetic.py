@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.datasets.dataset import missing_images
 from pipelines.datasets.errors import DatasetError
+from pipelines.datasets.images import missing_images
 from pipelines.datasets.registry import DATASETS
 from pipelines.datasets.splitfile import SPLITS, encode_split, write_atomic
 
