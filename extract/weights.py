@@ -185,7 +185,8 @@ def _read_pin(directory: Path) -> str | None:
     try:
         sha = json.loads(path.read_text())["sha256"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: unreadable ({error}); restore it or delete it to re-pin at the next download")
+        raise ValueError(f"{path}: unreadable ({error}); restore it or delete it to re-pin at the next "
+                         "download") from None
     if not isinstance(sha, str) or not SHA256.match(sha):
         raise ValueError(f"{path}: sha256 {sha!r} is not 64 hex digits")
     return sha

@@ -1,6 +1,6 @@
-"""A BERT-family sentence encoder (all-MiniLM-L6-v2 by default): the official per-dataset template per class, mean-pooled over
-real tokens and L2-normalised, in the encoder's own space ([C, 384]); stage 2 uses its class similarities.
-The official code has no BERT agent although the paper lists one (reference §3.0 row 7)."""
+"""A BERT-family sentence encoder (all-MiniLM-L6-v2 by default): the official per-dataset template per class,
+mean-pooled over real tokens and L2-normalised, in the encoder's own space ([C, 384]); stage 2 uses its class
+similarities. The official code has no BERT agent although the paper lists one (reference §3.0 row 7)."""
 from __future__ import annotations
 
 from extract.agents.base import AgentSpec, LoadRequest

@@ -101,7 +101,7 @@ def renamed(encoder: dict) -> dict:
             if tensor.shape[0] % 3:
                 raise ValueError(f"{key}: {tuple(tensor.shape)} does not split into query, key and value")
             kind = rest.rsplit(".", 1)[1]
-            for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0)):
+            for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0), strict=True):
                 state[f"{prefix}attention.attention.{name}.{kind}"] = part.clone()
         else:
             unknown.append(key)
