@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import gc
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def test_every_layer_group_is_a_module():
     assert [group for groups in EXTRACT_LAYERS for group in groups if group not in modules] == []
 
 
-def test_the_checks_catch_each_kind_of_violation(tmp_path):
+def test_the_checks_catch_each_kind_of_violation():
     files = {
         "cache_schema/__init__.py": "",
         "cache_schema/store.py": "from extract import weights\n",                     # cache_schema -> extract
@@ -194,10 +195,12 @@ def test_the_checks_catch_each_kind_of_violation(tmp_path):
         "pipelines/b.py": "from pipelines import a\n",                                 # cycle a <-> b
         "pipelines/c.py": "def late():\n    import pipelines.a\n",                   # not a cycle: function-level
     }
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    found = imports(tmp_path, PACKAGES)
+    with tempfile.TemporaryDirectory() as directory:   # not tmp_path: its first use sweeps old pytest runs
+        root = Path(directory)
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        found = imports(root, PACKAGES)
     assert package_violations(found) == ["cache_schema/store.py:1: cache_schema.store imports extract.weights",
                                          "distill/__init__.py:2: distill imports pipelines.cli"]
     assert layer_violations(found) == [
