@@ -12,7 +12,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from cache_schema.fingerprint import sha256_file
+from extract.loading import recording
+from extract.runner import MemoryMonitor, current_rss, family_module
+from extract.runner import _empty_device_cache as empty_device_cache
 
 BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -46,9 +51,6 @@ def check_agent(spec, request, *, weights: dict | None = None, ctx=None, forward
                 source: str | None = None) -> CheckResult:
     """Load `spec` for `request`, measure it, and free it. Any failure becomes a "failed" row (the error is the
     message a user acts on); the next agent is still checked."""
-    from extract.agents._loading import recording
-    from extract.runner import _empty_device_cache as empty_device_cache
-
     start = time.perf_counter()
     result = CheckResult(spec.name, "ok", source=source or describe_source(spec, request), device=request.device)
     runtime = None
@@ -91,8 +93,6 @@ def describe_source(spec, request) -> str:
 
 def runtime_modules(runtime) -> list:
     """Every torch module a runtime holds (attributes, and containers or plain objects one or two levels down)."""
-    import torch
-
     found, seen = [], set()
 
     def visit(value, depth: int) -> None:
@@ -131,15 +131,11 @@ def measure(modules) -> tuple[int, int, list[str]]:
 def measure_forward(runtime, spec, ctx, device: str) -> int:
     """Extra peak memory of one batch through the family's compute: CUDA's allocator peak on a GPU, the peak
     resident-set growth on the CPU."""
-    from extract.runner import MemoryMonitor, current_rss, family_module
-
     if ctx is None:
         raise ValueError("--forward needs a dataset (one batch of its rows)")
     family = family_module(spec.family)
     rows = sorted(set(family.rows(ctx)))[:ctx.batch_size]
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

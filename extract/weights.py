@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cache_schema.fingerprint import sha256_file
+from extract.convert import get_converter
+from extract.hub import hub_offline
 
 WEIGHTS_ENV = "TRANSAGENT_WEIGHTS"
 REGISTRY_ENV = "TRANSAGENT_REGISTRY"
@@ -35,6 +38,8 @@ CONVERTED = "converted"
 CONVERSION_RECORD = "conversion.json"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def checkpoint(spec, cache_root) -> Checkpoint:
     return Checkpoint(spec.name, url, file, expected, directory, source.converter)
 
 
-def prepare(spec, cache_root, say=print) -> Checkpoint:
+def prepare(spec, cache_root) -> Checkpoint:
     """Download (if needed), verify and convert the agent's checkpoint; returns it with its sha256 known."""
     planned = checkpoint(spec, cache_root)
     if planned.sha256 and _converted_from(planned.converted) == planned.sha256:
@@ -108,7 +113,7 @@ def prepare(spec, cache_root, say=print) -> Checkpoint:
     if raw.is_file():
         actual = sha256_file(raw)
     else:
-        say(f"downloading {planned.agent} weights: {planned.url}")
+        logger.info("downloading %s weights: %s", planned.agent, planned.url)
         actual = _download(planned.url, raw, planned.agent)
     if planned.sha256 and actual != planned.sha256:
         raise ValueError(f"agent {planned.agent!r}: {raw} has sha256 {actual}, expected {planned.sha256} "
@@ -116,10 +121,10 @@ def prepare(spec, cache_root, say=print) -> Checkpoint:
                          f"delete the file to download it again")
     if not planned.sha256:
         _write_pin(planned.directory, planned.url, planned.file, actual)
-        say(f"pinned {planned.agent} weights {planned.file}: sha256 {actual}")
+        logger.info("pinned %s weights %s: sha256 %s", planned.agent, planned.file, actual)
     done = Checkpoint(planned.agent, planned.url, planned.file, actual, planned.directory, planned.converter)
     if _converted_from(done.converted) != actual:
-        say(f"converting {planned.agent} weights ({planned.converter}) into {done.converted}")
+        logger.info("converting %s weights (%s) into %s", planned.agent, planned.converter, done.converted)
         _convert(done, raw)
     return done
 
@@ -127,8 +132,6 @@ def prepare(spec, cache_root, say=print) -> Checkpoint:
 def _download(url: str, target: Path, agent: str) -> str:
     """Stream `url` into `target` (aside, then renamed); returns its sha256. Offline (HF_HUB_OFFLINE=1) nothing
     is downloaded."""
-    from extract.agents._loading import hub_offline
-
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     digest = hashlib.sha256()
     try:
@@ -149,8 +152,6 @@ def _download(url: str, target: Path, agent: str) -> str:
 
 def _convert(checkpoint: Checkpoint, raw: Path) -> None:
     """Convert beside the target and rename; a concurrent process (another rank) that finished first wins."""
-    from extract.convert import get_converter
-
     work = checkpoint.directory / f"{CONVERTED}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
@@ -184,7 +185,8 @@ def _read_pin(directory: Path) -> str | None:
     try:
         sha = json.loads(path.read_text())["sha256"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: unreadable ({error}); restore it or delete it to re-pin at the next download")
+        raise ValueError(f"{path}: unreadable ({error}); restore it or delete it to re-pin at the next "
+                         "download") from None
     if not isinstance(sha, str) or not SHA256.match(sha):
         raise ValueError(f"{path}: sha256 {sha!r} is not 64 hex digits")
     return sha

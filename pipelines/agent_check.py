@@ -3,11 +3,24 @@ per agent (source, resolved commit, parameters, dtype, allowed missing/unexpecte
 memory, the cache it would write). `transagent extract` runs it for the agents whose caches are incomplete."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
-from pipelines.extraction import (ExtractOptions, agent_weights, build_jobs, downloads_weights, estimate_bytes,
-                                  format_bytes, skipped_agents)
-from pipelines.presets import student_spec
+from extract.agents import LoadRequest, registry
+from extract.preflight import CheckResult, check_agent, describe_source
+from extract.weights import prepare
+from pipelines.extraction import (
+    ExtractOptions,
+    agent_weights,
+    build_jobs,
+    check_agent_options,
+    downloads_weights,
+    estimate_bytes,
+    format_bytes,
+    skipped_agents,
+)
+from pipelines.presets import resolve_agents, student_spec
 
 
 @dataclass
@@ -32,11 +45,6 @@ def items_from_jobs(jobs: list, options: ExtractOptions) -> list[CheckItem]:
 
 def plan(options: ExtractOptions, with_dataset: bool) -> tuple[list[CheckItem], dict[str, str]]:
     """(items to check, skipped agents and why). Without a dataset nothing is estimated and no batch can run."""
-    from extract.agents import registry
-    from extract.agents.base import LoadRequest
-    from pipelines.extraction import check_agent_options
-    from pipelines.presets import resolve_agents
-
     agents = registry()
     skipped = skipped_agents(options, agents)
     if with_dataset:
@@ -57,19 +65,15 @@ def plan(options: ExtractOptions, with_dataset: bool) -> tuple[list[CheckItem], 
     return items, skipped
 
 
-def run_checks(items: list[CheckItem], options: ExtractOptions, forward: bool = False, say=print,
-               on_result=None) -> list:
-    """Check the items one after another (each agent freed before the next loads); `say` gets the progress
-    messages (downloads, conversions), `on_result` each row as soon as it is known."""
-    from extract.preflight import CheckResult, check_agent, describe_source
-    from extract.weights import prepare
-
+def run_checks(items: list[CheckItem], options: ExtractOptions, forward: bool = False, on_result=None) -> list:
+    """Check the items one after another (each agent freed before the next loads), downloading and converting
+    published checkpoints first (logged by `extract.weights`); `on_result` gets each row as soon as it is known."""
     results = []
     for item in items:
         result = None
         if item.downloads:
             try:
-                item.weights = prepare(item.spec, options.cache_root, say).identity()
+                item.weights = prepare(item.spec, options.cache_root).identity()
             except (OSError, ValueError) as error:
                 result = CheckResult(item.spec.name, "failed", source=describe_source(item.spec, item.request),
                                      device=item.request.device, error=str(error))
@@ -83,8 +87,6 @@ def run_checks(items: list[CheckItem], options: ExtractOptions, forward: bool = 
 
 
 def skipped_results(skipped: dict[str, str]) -> list:
-    from extract.preflight import CheckResult
-
     return [CheckResult(name, "skipped", error=reason) for name, reason in skipped.items()]
 
 
@@ -135,9 +137,6 @@ def _keys(result) -> str:
 
 def _weights_digest(weights: dict) -> str:
     """One file: its sha256. Several: the sha256 of the sorted file -> sha256 list, and the file count."""
-    import hashlib
-    import json
-
     if not weights:
         return "-"
     if len(weights) == 1:

@@ -111,6 +111,8 @@ def _module_exists(target):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars (they go to stderr, and only to a terminal).")
 def main(quiet):
     """TransAgent-Cache: extract teacher knowledge once, distill CLIP prompts many times."""
+    from pipelines.messages import show_library_messages
     from pipelines.progress import set_quiet
 
     set_quiet(quiet)
+    show_library_messages()

@@ -18,6 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+from fsspec.callbacks import NoOpCallback
+
 from cache_schema import CacheError, list_caches
 from cache_schema.install import Installed, check_name, install_pack
 from cache_schema.layout import READABLE_SCHEMAS, SHA256
@@ -53,8 +56,6 @@ def _talking_to(url: str, action: str):
 
 def open_remote(url: str):
     """(filesystem, root path without trailing slash, protocol) for a URL or a local path."""
-    import fsspec
-
     with _talking_to(url, "open"):
         try:
             fs, root = fsspec.core.url_to_fs(url)
@@ -121,8 +122,6 @@ def _key(entry: dict) -> tuple[str, str, str]:
 
 
 def _callback(progress, description: str):
-    from fsspec.callbacks import NoOpCallback
-
     return progress(description) if progress is not None else NoOpCallback()
 
 

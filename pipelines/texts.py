@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extract.agents.vicuna import question_set
+
 DESCRIPTION_AGENTS = ("gpt3", "vicuna")
 TEMPLATE_CHOICES = ("transagent", "coop")
 TEMPLATE_AGENTS = ("sd", "pixart", "blip2", "shikra", "bert")
@@ -110,8 +112,6 @@ def _gpt3(dataset, files) -> TextPlan:
 
 
 def _vicuna(dataset, files, own: dict) -> TextPlan:
-    from extract.agents.vicuna import question_set
-
     mode = own.pop("descriptions", "official")
     if mode == "generate":
         if "vicuna" in files:

@@ -8,8 +8,7 @@ import torch
 
 import agent_checkpoints as ckpt
 from extract.agents import LoadRequest, Source, get_agent
-from extract.agents._loading import WeightsMismatch, load_model, recording
-from extract.agents.base import KeyAllowance
+from extract.loading import KeyAllowance, WeightsMismatch, load_model, recording
 
 # agent -> (builder, {model class: (allowed missing keys used, allowed unexpected keys used)}); None = every key
 # the loader reports matches the agent's allowance and at least one does (the count is checked separately)
@@ -137,7 +136,7 @@ def test_allowance_patterns_and_the_refusal_message(checkpoints):
 def test_model_classes_cannot_bypass_the_key_check():
     from transformers import ViTModel
 
-    from extract.agents._loading import from_pretrained
+    from extract.loading import from_pretrained
 
     with pytest.raises(TypeError, match="load_model"):
         from_pretrained(ViTModel.from_pretrained, Source(local_path="."), "dino")

@@ -269,7 +269,7 @@ def test_resolved_commit_is_read_from_the_hub_cache(monkeypatch, tmp_path):
     """The manifest records the commit a hub id resolved to; it is read from the Hugging Face cache layout."""
     import huggingface_hub.constants
 
-    from extract.agents._loading import hub_commit
+    from extract.hub import hub_commit
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--CompVis--stable-diffusion-v1-4"

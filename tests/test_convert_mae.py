@@ -16,7 +16,7 @@ from agent_checkpoints import MAE_WIDTH as WIDTH
 from agent_checkpoints import official_mae_weights as official_weights
 from cache_schema.student import StudentGrid
 from extract.agents import LoadRequest, Source, get_agent
-from extract.agents._loading import WeightsMismatch, recording
+from extract.loading import WeightsMismatch, recording
 from extract.convert import get_converter
 from extract.convert.mae import convert
 from pipelines.cli import main

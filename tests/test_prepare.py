@@ -7,6 +7,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import subprocess
 import threading
 import zipfile
@@ -21,16 +22,13 @@ from PIL import Image
 from pipelines.commands.datasets import datasets as datasets_cli
 from pipelines.datasets import DATASETS, DatasetError, get_info, prepare
 from pipelines.datasets.preparation import PINS_FILE, google_drive_id
+from pipelines.messages import LOGGERS, show_library_messages
 
 DATA = Path(__file__).parent / "data" / "descriptions"
 FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
            "Residential", "River", "SeaLake"]
 SPLIT_DRIVE_ID = "1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o"
 COMMIT = "ff3439b701de310129dbd625564c4db655cf4769"
-
-
-def quiet(*args, **kwargs):
-    pass
 
 
 def eurosat_files(directory: Path, per_split=(2, 1, 1)) -> None:
@@ -40,7 +38,7 @@ def eurosat_files(directory: Path, per_split=(2, 1, 1)) -> None:
     with zipfile.ZipFile(buffer, "w") as archive:
         for label, folder in enumerate(FOLDERS):
             index = 0
-            for name, count in zip(split, per_split):
+            for name, count in zip(split, per_split, strict=True):
                 for _ in range(count):
                     key = f"{folder}/{folder}_{index}.jpg"
                     image = io.BytesIO()
@@ -121,10 +119,10 @@ def test_registry_ships_the_official_description_sources():
     assert len(drive) == 11 and all(s.download in ("file", "zip") for s in drive)   # 9 splits, classnames, UCF
 
 
-def test_prepare_fetches_everything_from_a_mirror_and_pins_what_has_no_hash(mirror, tmp_path):
+def test_prepare_fetches_everything_from_a_mirror_and_pins_what_has_no_hash(mirror, tmp_path, caplog):
     served, _ = mirror
-    lines = []
-    ds = prepare("eurosat", tmp_path / "data", echo=lines.append)
+    caplog.set_level(logging.INFO, logger="pipelines.datasets")
+    ds = prepare("eurosat", tmp_path / "data")
     root = tmp_path / "data" / "eurosat"
     assert ds.num_classes == 10 and len(ds.train) == 20 and ds.classnames[0] == "Annual Crop Land"
     assert (root / "split_zhou_EuroSAT.json").read_bytes() == (served / "split_zhou_EuroSAT.json").read_bytes()
@@ -133,16 +131,17 @@ def test_prepare_fetches_everything_from_a_mirror_and_pins_what_has_no_hash(mirr
     pins = json.loads((root / PINS_FILE).read_text())
     assert pins == {"split_zhou_EuroSAT.json": sha256(served / "split_zhou_EuroSAT.json")}  # the rest is published
     assert not list((root / ".downloads").iterdir())
+    lines = caplog.messages
     assert sum("downloading" in line for line in lines) == 4 and any("pinned its sha256" in line for line in lines)
-    lines.clear()
-    prepare("eurosat", tmp_path / "data", echo=lines.append)   # ready: nothing is fetched again
-    assert lines == []
+    caplog.clear()
+    prepare("eurosat", tmp_path / "data")   # ready: nothing is fetched again
+    assert caplog.messages == []
 
     # a later download is checked against the pin; a changed file is discarded, never put in place
     (root / "split_zhou_EuroSAT.json").unlink()
     (served / "split_zhou_EuroSAT.json").write_text(json.dumps(ds_split_without_last_test(served)))
     with pytest.raises(DatasetError, match=f"pinned for split_zhou_EuroSAT.json at its first download.*{PINS_FILE}"):
-        prepare("eurosat", tmp_path / "data", echo=quiet)
+        prepare("eurosat", tmp_path / "data")
     assert not (root / "split_zhou_EuroSAT.json").exists() and not list((root / ".downloads").iterdir())
 
 
@@ -155,16 +154,16 @@ def test_downloads_that_do_not_match_are_refused(mirror, tmp_path):
     served, _ = mirror
     (served / "gpt3.json").write_text(json.dumps({"Forest": ["trees"]}))   # not the published file
     with pytest.raises(DatasetError, match="sha256 .* != the published fe1076499e4f"):
-        prepare("eurosat", tmp_path / "a", echo=quiet)
+        prepare("eurosat", tmp_path / "a")
     assert not (tmp_path / "a" / "eurosat" / "descriptions" / "gpt3.json").exists()
     # a first download of a file without a published hash is checked for what it must be before it is pinned
     (served / "split_zhou_EuroSAT.json").write_text("<html>Google Drive - quota exceeded</html>")
     with pytest.raises(DatasetError, match="not a valid UTF-8 JSON split file"):
-        prepare("eurosat", tmp_path / "b", echo=quiet, descriptions=())
+        prepare("eurosat", tmp_path / "b", descriptions=())
     assert not (tmp_path / "b" / "eurosat" / PINS_FILE).exists()
     (served / "EuroSAT.zip").write_bytes(b"PK damaged")
     with pytest.raises(DatasetError, match="md5"):
-        prepare("eurosat", tmp_path / "c", echo=quiet)
+        prepare("eurosat", tmp_path / "c")
 
 
 def test_drive_links_go_through_gdown_with_their_id(tmp_path, monkeypatch, server):
@@ -186,7 +185,7 @@ def test_drive_links_go_through_gdown_with_their_id(tmp_path, monkeypatch, serve
     monkeypatch.setattr(gdown, "download", fake_download)
     with zipfile.ZipFile(served / "EuroSAT.zip") as archive:   # images already in place: only the split is fetched
         archive.extractall(tmp_path / "data" / "eurosat")
-    ds = prepare("eurosat", tmp_path / "data", descriptions=(), echo=quiet)
+    ds = prepare("eurosat", tmp_path / "data", descriptions=())
     assert calls == [SPLIT_DRIVE_ID] and ds.num_classes == 10
 
     def drive_error(**kwargs):
@@ -195,7 +194,7 @@ def test_drive_links_go_through_gdown_with_their_id(tmp_path, monkeypatch, serve
     monkeypatch.setattr(gdown, "download", drive_error)
     (tmp_path / "data" / "eurosat" / "split_zhou_EuroSAT.json").unlink()
     with pytest.raises(DatasetError, match="(?s)Too many users.*split_zhou_EuroSAT.json  *CoOp split"):
-        prepare("eurosat", tmp_path / "data", descriptions=(), echo=quiet)
+        prepare("eurosat", tmp_path / "data", descriptions=())
 
 
 @pytest.mark.parametrize("content, message", [
@@ -213,7 +212,7 @@ def test_registry_override_file_is_validated(tmp_path, monkeypatch, content, mes
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     monkeypatch.setenv("TRANSAGENT_REGISTRY", str(path))
     with pytest.raises(DatasetError, match=f"TRANSAGENT_REGISTRY={path}: .*{message}"):
-        prepare("eurosat", tmp_path / "data", echo=quiet)
+        prepare("eurosat", tmp_path / "data")
 
 
 def test_cli_prepare_reports_the_descriptions(mirror, tmp_path):
@@ -221,6 +220,26 @@ def test_cli_prepare_reports_the_descriptions(mirror, tmp_path):
     assert result.exit_code == 0, result.output
     assert "eurosat: ready. 10 classes; train 20 / val 10 / test 10" in result.output
     assert f"vicuna descriptions {tmp_path / 'data' / 'eurosat' / 'descriptions' / 'vicuna.json'}" in result.output
+
+
+@pytest.fixture
+def library_loggers():
+    """Leave the `extract` and `pipelines` loggers as they were."""
+    saved = {name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers)) for name in LOGGERS}
+    yield
+    for name, (level, handlers) in saved.items():
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).handlers[:] = handlers
+
+
+def test_the_cli_shows_library_messages_on_the_first_rank_only(monkeypatch, capsys, library_loggers):
+    for rank, shown in (("0", True), ("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        show_library_messages()
+        logging.getLogger("pipelines.datasets.preparation").info("eurosat: downloading 2750/")
+        logging.getLogger("extract.weights").warning("mae: pinned")
+        err = capsys.readouterr().err
+        assert ("eurosat: downloading 2750/" in err) == shown and err.count("mae: pinned") == 1   # one handler
 
 
 def test_make_extract_prepares_before_torchrun_starts():

@@ -6,48 +6,14 @@ branches on agent names.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cache_schema.student import StudentGrid
+from extract.hub import Source
+from extract.loading import KeyAllowance
 
 FAMILIES = ("vision", "language", "t2i", "i2t")
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where the real weights come from: a hub id (+ optional pinned revision), a local path, or a published
-    checkpoint file (`url`) that `extract.weights` downloads and converts with `extract.convert.<converter>`."""
-
-    hub_id: str | None = None
-    revision: str | None = None
-    local_path: str | None = None
-    note: str = ""
-    url: str | None = None
-    converter: str | None = None
-
-    def describe(self) -> str:
-        if self.local_path is not None:
-            return f"local:{self.local_path}"
-        if self.url is not None:
-            return self.url
-        if self.hub_id is None:
-            return self.note or "-"
-        return self.hub_id + (f"@{self.revision}" if self.revision else "")
-
-
-@dataclass(frozen=True)
-class KeyAllowance:
-    """Checkpoint keys an agent may load without (`missing`) or leave unused (`unexpected`): fnmatch patterns over
-    the key names the loader reports, and why. Any other missing or unexpected key refuses the load."""
-
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    reason: str = ""
-
-    def allows(self, kind: str, key: str) -> bool:
-        return any(fnmatch.fnmatchcase(key, pattern) for pattern in getattr(self, kind))
 
 
 @dataclass

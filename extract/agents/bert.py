@@ -1,11 +1,12 @@
-"""A BERT-family sentence encoder (all-MiniLM-L6-v2 by default): the official per-dataset template per class, mean-pooled over
-real tokens and L2-normalised, in the encoder's own space ([C, 384]); stage 2 uses its class similarities.
-The official code has no BERT agent although the paper lists one (reference §3.0 row 7)."""
+"""A BERT-family sentence encoder (all-MiniLM-L6-v2 by default): the official per-dataset template per class,
+mean-pooled over real tokens and L2-normalised, in the encoder's own space ([C, 384]); stage 2 uses its class
+similarities. The official code has no BERT agent although the paper lists one (reference §3.0 row 7)."""
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, load_model, resolved_source, seeded
-from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.language import check_options, tiny_tokenizer
+from extract.hub import Source, resolved_source
+from extract.loading import KeyAllowance, from_pretrained, load_model, seeded
 
 SOURCE = Source(hub_id="sentence-transformers/all-MiniLM-L6-v2")
 ALLOWANCE = KeyAllowance(unexpected=("pooler.dense.*",),

@@ -6,9 +6,10 @@ prompt's real tokens with the attention mask (the official code passed no mask a
 """
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.i2t import CLIP_MEAN, CLIP_STD, I2TAgent
+from extract.hub import Source, hub_commit
+from extract.loading import from_pretrained, load_model, seeded, torch_dtype
 
 HUB_ID = "Salesforce/blip2-opt-2.7b"
 IMAGE_SIZE = 224

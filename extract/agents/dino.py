@@ -1,9 +1,10 @@
 """DINO ViT-B/16 (self-distillation, Caron et al. 2021): every block's patch tokens, CLS dropped, no final norm."""
 from __future__ import annotations
 
-from extract.agents._loading import load_model, resolved_source, seeded
-from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
+from extract.hub import Source, resolved_source
+from extract.loading import KeyAllowance, load_model, seeded
 
 SOURCE = Source(hub_id="facebook/dino-vitb16")
 ALLOWANCE = KeyAllowance(unexpected=("pooler.dense.*",),

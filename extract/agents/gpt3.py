@@ -3,8 +3,9 @@ file that `transagent datasets prepare` fetches), encoded by the frozen student 
 normalise(mean of the descriptions' features) -> [C, 512] for ViT-B/16."""
 from __future__ import annotations
 
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.language import ClipTextEncoder, check_options, read_descriptions
+from extract.hub import Source
 
 OPTIONS = ("descriptions",)
 

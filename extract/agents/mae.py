@@ -9,9 +9,10 @@ transformers' ViTMAEModel always shuffles patches by argsort(noise) and keeps (1
 mask_ratio 0 and noise = 0, 1, 2, ... every patch is kept in raster order, whatever the RNG state."""
 from __future__ import annotations
 
-from extract.agents._loading import load_model, resolved_source, seeded
-from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime, vit_token_grids
+from extract.hub import Source, resolved_source
+from extract.loading import KeyAllowance, load_model, seeded
 
 URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
 SOURCE = Source(url=URL, converter="mae",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 
-from extract.agents._loading import load_model, resolved_source, seeded
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.vision import GRID_POLICY, VisionRuntime
+from extract.hub import Source, resolved_source
+from extract.loading import load_model, seeded
 
 SOURCE = Source(hub_id="facebook/sam-vit-base")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)

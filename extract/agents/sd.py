@@ -3,14 +3,15 @@
 Class vector, as the official extractor with `LLM_TEMPLATE: True`: the CLIP ViT-L/14 text encoder's
 `last_hidden_state` at the EOT token of each of the class's Vicuna descriptions, averaged over the descriptions and
 L2-normalised (option conditioning='vicuna', set by `transagent extract`); where no Vicuna descriptions exist, the
-same feature of the class prompt (the official per-dataset template), L2-normalised. Captured layers: the down and up blocks' cross-attention (the official
-`up_cross + down_cross`; the mid block is left out), grouped by resolution.
+same feature of the class prompt (the official per-dataset template), L2-normalised. Captured layers: the down and
+up blocks' cross-attention (the official `up_cross + down_cross`; the mid block is left out), grouped by resolution.
 """
 from __future__ import annotations
 
-from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
-from extract.agents.base import AgentSpec, LoadRequest, Source
-from extract.families.t2i import T2IAgent, timesteps
+from extract.agents._diffusion import Components, load_components
+from extract.agents.base import AgentSpec, LoadRequest
+from extract.families.t2i import T2IAgent, latent_size, timesteps
+from extract.hub import Source
 
 HUB_ID = "CompVis/stable-diffusion-v1-4"
 REVISION = "133a221b8aa7292a167afc5127cb63fb5005638b"
@@ -42,9 +43,8 @@ class StableDiffusion(T2IAgent):
 
     def __init__(self, *, unet, vae, text_encoder, tokenizer, image_size: int, device: str,
                  resolved_revision: str | None = None):
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        super().__init__(vae=vae, denoiser=unet, image_size=image_size, device=device, capture_prefixes=CAPTURE,
+        super().__init__(vae=vae, denoiser=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                         image_size=image_size, device=device, capture_prefixes=CAPTURE,
                          resolutions=unet_attention_sizes(unet, vae, image_size, CAPTURE),
                          resolved_revision=resolved_revision)
 
@@ -65,7 +65,7 @@ class StableDiffusion(T2IAgent):
 
 def unet_attention_sizes(unet, vae, image_size: int, prefixes) -> tuple[int, ...]:
     """HW of each captured UNet resolution: down block i runs at latent/2^i, up block j at latent/2^(n-1-j)."""
-    latent = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = latent_size(vae, image_size)
     sizes = set()
     if "down_blocks" in prefixes:
         sizes |= {(latent // 2**i) ** 2 for i, kind in enumerate(unet.config.down_block_types) if "CrossAttn" in kind}
@@ -76,7 +76,7 @@ def unet_attention_sizes(unet, vae, image_size: int, prefixes) -> tuple[int, ...
     return tuple(sorted(sizes))
 
 
-def tiny_tokenizer(max_length: int = 77):
+def tiny_tokenizer(max_length: int = TINY_CONFIG["text"]["max_position_embeddings"]):
     """A CLIP tokenizer built in code: byte-level BPE without merges (every byte is a token), CLIP's special
     tokens last so that EOT has the largest id, as in the real vocabulary."""
     from tokenizers.pre_tokenizers import ByteLevel
@@ -87,34 +87,20 @@ def tiny_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=[], model_max_length=max_length)
 
 
-def load(request: LoadRequest) -> StableDiffusion:
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_text_config(tokenizer):
+    from transformers import CLIPTextConfig
 
-    dtype = torch_dtype(request.dtype)
-    if request.tiny:
-        cfg = TINY_CONFIG
-        tokenizer = tiny_tokenizer(cfg["text"]["max_position_embeddings"])
-        with seeded(request.seed):
-            unet = UNet2DConditionModel(**cfg["unet"])
-            vae = AutoencoderKL(**cfg["vae"])
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                **cfg["text"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        if dtype != torch.float32:  # built in float32; the VAE stays there
-            unet, text_encoder = unet.to(dtype), text_encoder.to(dtype)
-        image_size, revision = cfg["image_size"], None
-    else:
-        source = request.source or SPEC.source
-        unet = load_model(UNet2DConditionModel, source, "sd", subfolder="unet", dtype=dtype)
-        vae = load_model(AutoencoderKL, source, "sd", subfolder="vae", dtype=torch.float32)
-        text_encoder = load_model(CLIPTextModel, source, "sd", subfolder="text_encoder", dtype=dtype)
-        tokenizer = from_pretrained(CLIPTokenizer.from_pretrained, source, "sd", subfolder="tokenizer")
-        image_size, revision = IMAGE_SIZE, hub_commit(source, "model_index.json")
-    return StableDiffusion(unet=unet.to(request.device), vae=vae.to(request.device),
-                           text_encoder=text_encoder.to(request.device), tokenizer=tokenizer,
-                           image_size=image_size, device=request.device, resolved_revision=revision)
+    return CLIPTextConfig(**TINY_CONFIG["text"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def load(request: LoadRequest) -> StableDiffusion:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    components = Components("unet", UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, tiny_tokenizer,
+                            tiny_text_config)
+    return StableDiffusion(**load_components(request, SPEC, components), device=request.device)
 
 
 SPEC = AgentSpec(

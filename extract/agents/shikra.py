@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extract.agents._loading import seeded, torch_dtype
-from extract.agents.base import AgentSpec, KeyAllowance, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
+from extract.convert.shikra import LANGUAGE_ALLOWANCE, load_converted
 from extract.families.i2t import CLIP_MEAN, CLIP_STD, I2TAgent
+from extract.hub import Source
+from extract.loading import seeded, torch_dtype
 
 IMAGE_SIZE = 224
 VISION_LAYER = -2
-ALLOWANCE = KeyAllowance(unexpected=("lm_head.weight",),
-                         reason="the converted LLaMA keeps its LM head, which is not run: class features are "
-                                "hidden states")
 MANUAL_WEIGHTS = ("Shikra-7B is published only as a delta over the licensed LLaMA-7B: convert it with `transagent "
                   "agents convert shikra <shikra-7b-delta dir> <DIR> --base <llama-7b dir>` and pass "
                   "--agent-path shikra=<DIR>")
@@ -88,8 +87,6 @@ def load(request: LoadRequest) -> Shikra:
         vision_tower, projector, language_model = vision_tower.to(dtype), projector.to(dtype), language_model.to(dtype)
         image_size = TINY_CONFIG["image_size"]
     else:
-        from extract.convert.shikra import load_converted
-
         source = request.source or SPEC.source
         if source.local_path is None:
             raise ValueError(f"agent 'shikra' needs a local directory: {MANUAL_WEIGHTS}.")
@@ -115,6 +112,6 @@ SPEC = AgentSpec(
     load=load,
     tiny_config=TINY_CONFIG,
     description="Shikra-7B: cosine of the projected CLIP-L patch features and each class's LLaMA feature [C].",
-    allowance=ALLOWANCE,
+    allowance=LANGUAGE_ALLOWANCE,
     manual_weights=MANUAL_WEIGHTS,
 )

@@ -15,9 +15,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from extract.agents._loading import from_pretrained, hub_commit, load_model, seeded, torch_dtype
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.language import ClipTextEncoder, check_options, read_descriptions, tiny_tokenizer
+from extract.hub import Source, hub_commit
+from extract.loading import from_pretrained, load_model, seeded, torch_dtype
 
 SOURCE = Source(hub_id="lmsys/vicuna-7b-v1.5")
 OPTIONS = ("descriptions", "questions", "generations", "max_new_tokens", "temperature", "top_p")

@@ -7,9 +7,10 @@ windowed blocks attend within their windows, as in detectron2; position tables a
 grid the way detectron2 does (absolute: bicubic without the CLS slot; relative: linear)."""
 from __future__ import annotations
 
-from extract.agents._loading import load_model, resolved_source, seeded
-from extract.agents.base import AgentSpec, LoadRequest, Source
+from extract.agents.base import AgentSpec, LoadRequest
 from extract.families.vision import GRID_POLICY, IMAGENET_MEAN, IMAGENET_STD, VisionRuntime
+from extract.hub import Source, resolved_source
+from extract.loading import load_model, seeded
 
 URL = ("https://dl.fbaipublicfiles.com/detectron2/ViTDet/COCO/mask_rcnn_vitdet_b/f325346929/"
        "model_final_61ccd1.pkl")

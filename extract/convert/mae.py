@@ -22,7 +22,13 @@ import json
 import re
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+from transformers import ViTMAEConfig, ViTMAEModel
+
 from cache_schema.fingerprint import sha256_file
+from extract.hub import Source
+from extract.loading import load_model
 
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 16}
 HEAD_WIDTH = 64
@@ -45,12 +51,6 @@ FIXED_NAMES = {
 
 def convert(source, output) -> Path:
     """Convert `source` (the official .pth) into the transformers directory `output`; returns `output`."""
-    from safetensors.torch import save_file
-    from transformers import ViTMAEConfig, ViTMAEModel
-
-    from extract.agents._loading import load_model
-    from extract.agents.base import Source
-
     source, output = Path(source), Path(output)
     weights = read_checkpoint(source)
     encoder = {key: value for key, value in weights.items() if not DECODER.match(key)}
@@ -71,8 +71,6 @@ def convert(source, output) -> Path:
 
 def read_checkpoint(path: Path) -> dict:
     """The `model` tensors of an MAE checkpoint, unpickled with weights_only=True (tensors and containers only)."""
-    import torch
-
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     data = torch.load(path, map_location="cpu", weights_only=True)
@@ -103,7 +101,7 @@ def renamed(encoder: dict) -> dict:
             if tensor.shape[0] % 3:
                 raise ValueError(f"{key}: {tuple(tensor.shape)} does not split into query, key and value")
             kind = rest.rsplit(".", 1)[1]
-            for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0)):
+            for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0), strict=True):
                 state[f"{prefix}attention.attention.{name}.{kind}"] = part.clone()
         else:
             unknown.append(key)

@@ -12,7 +12,8 @@ Output directory:
     vision_tower/                CLIPVisionModel
     mm_projector.safetensors     weight [d_llm, d_vision], bias [d_llm]
 
-Heavy imports stay inside functions: the CLI imports this module when it starts.
+Heavy imports stay inside functions: the agent registry imports this module (the `shikra` agent loads what it
+writes, with the key allowance defined here).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import json
 import shutil
 from pathlib import Path
 
-from extract.agents.base import KeyAllowance
+from extract.hub import Source
+from extract.loading import KeyAllowance, load_model, torch_dtype
 
 FORMAT = "transagent-shikra"
 VERSION = 1
@@ -38,6 +40,9 @@ SHARD_BYTES = 5 * 2**30
 CLIP_TOWER_ALLOWANCE = KeyAllowance(
     unexpected=("text_model.*", "text_projection.*", "visual_projection.*", "logit_scale"),
     reason="openai/clip-vit-large-patch14 is a full CLIPModel: its text tower and projections are not the vision tower")
+LANGUAGE_ALLOWANCE = KeyAllowance(unexpected=("lm_head.weight",),
+                                  reason="the converted LLaMA keeps its LM head, which is not run: class features "
+                                         "are hidden states")
 
 
 def convert(source: Path, output: Path, *, base: Path, vision_tower: str = CLIP_L14, dtype: str = "float16",
@@ -49,9 +54,6 @@ def convert(source: Path, output: Path, *, base: Path, vision_tower: str = CLIP_
     """
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, LlamaConfig
-
-    from extract.agents._loading import load_model, torch_dtype
-    from extract.agents.base import Source
 
     base, delta, out = Path(base), Path(source), Path(output)
     for name, path in (("base", base), ("delta", delta)):
@@ -187,10 +189,6 @@ def load_converted(directory: Path, dtype):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, CLIPVisionModel, LlamaModel
 
-    from extract.agents._loading import load_model
-    from extract.agents.base import Source
-    from extract.agents.shikra import ALLOWANCE
-
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -202,7 +200,7 @@ def load_converted(directory: Path, dtype):
                          f"expected {FORMAT} v{VERSION}; convert again")
     vision_tower = load_model(CLIPVisionModel, Source(local_path=str(directory)), "shikra", subfolder=VISION_DIR,
                               dtype=dtype)
-    language_model = load_model(LlamaModel, Source(local_path=str(directory)), "shikra", ALLOWANCE,
+    language_model = load_model(LlamaModel, Source(local_path=str(directory)), "shikra", LANGUAGE_ALLOWANCE,
                                 subfolder=LANGUAGE_DIR, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory / LANGUAGE_DIR)
     weights = load_file(directory / PROJECTOR_FILE)

@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import VitDetConfig, VitDetModel
 
 from cache_schema.fingerprint import sha256_file
 
@@ -31,9 +33,6 @@ PREFIX = "backbone.net."
 
 def convert(source, output) -> Path:
     """Convert `source` (.pkl or .pth) into the transformers directory `output`; returns `output`."""
-    import torch
-    from transformers import VitDetConfig, VitDetModel
-
     source, output = Path(source), Path(output)
     backbone = backbone_weights(read_checkpoint(source))
     config = VitDetConfig(**infer_config(backbone))
@@ -60,8 +59,6 @@ def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
         with open(path, "rb") as file:
             data = _ArrayUnpickler(file, encoding="latin1").load()
     else:
-        import torch
-
         data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict of weights, got {type(data).__name__}")

@@ -1,10 +1,10 @@
 """Image-to-text agents (BLIP-2, Shikra): how well each class's text matches the image in the agent's LLM space.
 
 One un-augmented image (view 0) at 224 px, normalised as the agent's own processor does, gives one projected image
-feature; each class prompt (the official per-dataset template, DS_TEMPLATE) gives one LLM text feature, the mean of the last hidden states
-over its real tokens (the official code averaged padding too). Both are L2-normalised; the score is their cosine.
-A class's score does not depend on the other classes, so one cache over all classes serves every class subset by
-slicing: the class set is not part of the fingerprint, the class names and template are.
+feature; each class prompt (the official per-dataset template, DS_TEMPLATE) gives one LLM text feature, the mean of
+the last hidden states over its real tokens (the official code averaged padding too). Both are L2-normalised; the
+score is their cosine. A class's score does not depend on the other classes, so one cache over all classes serves
+every class subset by slicing: the class set is not part of the fingerprint, the class names and template are.
 
 Heavy imports (torch, transformers) stay inside functions: the agent registry imports this module at CLI start-up.
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 from cache_schema.arrays import ArraySpec
 from cache_schema.views import IMAGE_DECODING_VERSION
-from extract.families.t2i import class_prompts, view0_pixels
+from extract.families.inputs import class_prompts, view0_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

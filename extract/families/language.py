@@ -17,6 +17,7 @@ import numpy as np
 
 from cache_schema.arrays import ArraySpec
 from cache_schema.fingerprint import sha256_file
+from extract.loading import seeded
 
 DESCRIPTIONS_FILE = "descriptions.json"
 
@@ -117,8 +118,6 @@ class ClipTextEncoder:
 
     def __init__(self, student, device: str = "cpu", chunk: int = 256):
         import open_clip
-
-        from extract.agents._loading import seeded
 
         # open_clip only warns when a tag was trained with QuickGELU (OpenAI weights) but the config says GELU;
         # follow the tag, exactly as the stage-2 student does, or the two text towers differ.

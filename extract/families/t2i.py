@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
-from cache_schema.views import IMAGE_DECODING_VERSION, apply_view, load_rgb, view_params
+from cache_schema.views import IMAGE_DECODING_VERSION
+from extract.families.inputs import class_prompts, view0_pixels
+from extract.families.language import file_sha256, read_descriptions
 
 TEXT_BATCH = 64  # prompts per text-encoder forward (ImageNet has 1000 classes)
 CONDITIONINGS = ("template", "vicuna")
@@ -55,8 +57,6 @@ def fingerprint_fields(ctx) -> dict:
         return {**fields, "conditioning": conditioning, "template": ctx.template}
     if "vicuna_cache" in ctx.options:  # generated descriptions: not written yet when this is planned
         return {**fields, "conditioning": conditioning, "vicuna_cache": ctx.options["vicuna_cache"]}
-    from extract.families.language import file_sha256
-
     return {**fields, "conditioning": conditioning,
             "descriptions_sha256": file_sha256(Path(ctx.options["descriptions"]))}
 
@@ -83,8 +83,6 @@ def class_texts(runtime, ctx) -> list[list[str]]:
         raise ValueError(f"this agent conditions on {list(runtime.conditionings)}, not {conditioning!r}")
     if conditioning == "template":
         return [[prompt] for prompt in class_prompts(ctx.template, ctx.classnames)]
-    from extract.families.language import read_descriptions
-
     path = Path(ctx.options["descriptions"])
     if "vicuna_cache" in ctx.options and not path.is_file():
         raise FileNotFoundError(f"{path}: the descriptions vicuna generated are not there; extract vicuna first "
@@ -106,27 +104,6 @@ def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
     class_tokens = runtime.class_tokens(class_texts(runtime, ctx))
     pixels = view0_pixels(ctx, keys, runtime.image_size)
     return {"scores": runtime.scores(pixels, class_tokens).cpu().numpy().astype(np.float32)}
-
-
-def class_prompts(template: str, classnames) -> list[str]:
-    if "{}" not in template:
-        raise ValueError(f"prompt template must contain '{{}}' for the class name, got {template!r}")
-    return [template.format(name) for name in classnames]
-
-
-def view0_pixels(ctx, keys, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-    """View 0 of each image at size x size, normalised: float tensor [B, 3, size, size]. The default mean/std map
-    [0, 1] to [-1, 1], the VAE's input range."""
-    import torch
-
-    batch = []
-    for key in keys:
-        image = load_rgb(ctx.image_path(key))
-        view = apply_view(image, view_params(key, 0, image.width, image.height, ctx.view_spec), size)
-        batch.append(np.asarray(view, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-    mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return torch.from_numpy((np.stack(batch) - mean) / std)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,16 +205,19 @@ def install_capture(denoiser, prefixes: tuple[str, ...], store: AttentionStore) 
 class T2IAgent:
     """What `compute` needs from a loaded T2I agent. Subclasses encode texts and call their denoiser once.
 
-    vae, denoiser: diffusers AutoencoderKL and the conditional denoiser; image_size: pixels fed to the VAE;
-    resolutions: the spatial sizes (HW) of the captured maps; capture_prefixes: which cross-attention layers count;
-    resolved_revision: the hub commit the weights came from (recorded in the manifest), None for tiny/local.
+    vae, denoiser: diffusers AutoencoderKL and the conditional denoiser; text_encoder, tokenizer: what encodes the
+    class texts; image_size: pixels fed to the VAE; resolutions: the spatial sizes (HW) of the captured maps;
+    capture_prefixes: which cross-attention layers count; resolved_revision: the hub commit the weights came from
+    (recorded in the manifest), None for tiny/local.
     """
 
     conditionings: tuple[str, ...] = ("template",)   # what its class vectors may be made of (see conditioning_of)
 
-    def __init__(self, *, vae, denoiser, image_size: int, resolutions: tuple[int, ...],
+    def __init__(self, *, vae, denoiser, text_encoder, tokenizer, image_size: int, resolutions: tuple[int, ...],
                  capture_prefixes: tuple[str, ...], device: str, resolved_revision: str | None = None):
         self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.image_size = int(image_size)
         self.resolutions = tuple(sorted(resolutions))
@@ -269,7 +249,8 @@ class T2IAgent:
                 features = torch.cat([self.text_features(flat[i:i + TEXT_BATCH]).float()
                                       for i in range(0, len(flat), TEXT_BATCH)])
             bounds = np.cumsum([0] + [len(texts) for texts in groups])
-            means = torch.stack([features[start:end].mean(dim=0) for start, end in zip(bounds[:-1], bounds[1:])])
+            means = torch.stack([features[start:end].mean(dim=0)
+                                 for start, end in zip(bounds[:-1], bounds[1:], strict=True)])
             self._class_tokens[groups] = l2_normalise(means).to(self.denoiser.dtype)
         return self._class_tokens[groups]
 
@@ -292,6 +273,11 @@ class T2IAgent:
             return self.store.scores(self.resolutions)
         finally:
             self.store.clear()
+
+
+def latent_size(vae, image_size: int) -> int:
+    """The latent side for `image_size` pixels: the VAE halves the side between its blocks."""
+    return image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def timesteps(batch_size: int, device):

@@ -12,6 +12,7 @@ import numpy as np
 from cache_schema.arrays import ArraySpec
 from cache_schema.quantize import quantize_int8
 from cache_schema.views import IMAGE_DECODING_VERSION, apply_view, load_rgb, view_params
+from extract.loading import torch_dtype
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,8 +26,6 @@ class VisionRuntime:
     `mean`/`std` are in the units of `pixel_scale` (1 = a [0, 1] image, 255 = a 0-255 image)."""
 
     def __init__(self, model, student, *, mean, std, pixel_scale=1.0, device="cpu", dtype="float32", source=None):
-        from extract.agents._loading import torch_dtype
-
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval().requires_grad_(False)
         self.mean, self.std, self.pixel_scale = tuple(mean), tuple(std), float(pixel_scale)
         self.device, self.dtype = device, dtype

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import click
 
+from extract.agents import registry
+from extract.convert import converter_names, get_converter
 from pipelines import options as opt
+from pipelines.commands.extract import _parse_ints, _resolve_device
+from pipelines.datasets import DatasetError
+from pipelines.extraction import ExtractOptions
+from pipelines.presets import AGENTS, register_model_configs, resolve_agents, student_spec
 
 # Converter keyword -> the flag that sets it (the CLI spelling in errors).
 CONVERT_FLAGS = {"base": "--base", "vision_tower": "--vision-tower", "dtype": "--dtype"}
@@ -26,15 +32,12 @@ def agents():
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per agent instead of the table.")
 def ls(preset, agents, as_json):
     """Each agent's family, weights source, emitted arrays and description (imports no model code)."""
-    from extract.agents import registry
-    from pipelines.presets import AGENTS, resolve_agents, student_spec
-
     specs = registry()
     order = [name for name in AGENTS if name in specs] + [name for name in specs if name not in AGENTS]
     try:
         names = resolve_agents(agents, tuple(order))
     except ValueError as error:
-        raise click.ClickException(str(error))
+        raise click.ClickException(str(error)) from None
     entries = [describe(specs[name], preset) for name in names]
     if as_json:
         for entry in entries:
@@ -65,12 +68,6 @@ def describe(spec, preset: str) -> dict:
             "description": spec.description}
 
 
-def _parse_ints(ctx, param, value):
-    from pipelines.commands.extract import _parse_ints as parse
-
-    return parse(ctx, param, value)
-
-
 @agents.command()
 @click.option("--dataset", default=None,
               help="Also estimate each agent's cache for this dataset and give --forward its images.")
@@ -98,15 +95,11 @@ def check(dataset, protocol, shots, seeds, data_root, cache_root, preset, agents
     keys its allowance let through, weights sha256, device memory (exact weight bytes, + one batch with --forward)
     and the cache it would write for --dataset.
     """
-    from pipelines.agent_check import format_result, plan, run_checks, skipped_results, summary
-    from pipelines.datasets import DatasetError
-    from pipelines.extraction import ExtractOptions
+    from pipelines.agent_check import format_result, plan, run_checks, skipped_results, summary  # imports torch
 
     if forward and dataset is None:
         raise click.UsageError("--forward runs one batch of a dataset: give --dataset")
     if device == "auto":
-        from pipelines.commands.extract import _resolve_device
-
         device = _resolve_device(device)
     dtype = compute_dtype if compute_dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     options = ExtractOptions(dataset=dataset or "", data_root=data_root, cache_root=cache_root, preset=preset,
@@ -116,10 +109,8 @@ def check(dataset, protocol, shots, seeds, data_root, cache_root, preset, agents
     try:
         items, skipped = plan(options, with_dataset=dataset is not None)
     except (ValueError, OSError, KeyError, DatasetError) as error:
-        raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error))
+        raise click.ClickException(str(error.args[0] if isinstance(error, KeyError) else error)) from None
     if preset == "tiny":
-        from pipelines.presets import register_model_configs
-
         register_model_configs()
     for item in items:
         item.request.device, item.request.dtype = device, dtype
@@ -129,8 +120,7 @@ def check(dataset, protocol, shots, seeds, data_root, cache_root, preset, agents
     def show(result):
         click.echo(json.dumps(result.to_dict()) if as_json else format_result(result))
 
-    results = run_checks(items, options, forward=forward, say=lambda line: click.echo(line, err=True),
-                         on_result=show)
+    results = run_checks(items, options, forward=forward, on_result=show)
     for result in skipped_results(skipped):
         show(result)
         results.append(result)
@@ -160,13 +150,10 @@ def convert(name, source, output, base, vision_tower, dtype):
     mae SOURCE OUTPUT                    FAIR MAE pre-training .pth (e.g. mae_pretrain_vit_base.pth)
     shikra DELTA OUTPUT --base LLAMA_DIR [--vision-tower ID_OR_DIR] [--dtype float16]
     """
-    from extract.convert import converters
-
-    found = converters()
-    if name not in found:
-        raise click.ClickException(f"no converter for {name!r}; known: {', '.join(found) or '(none)'} "
+    if name not in converter_names():
+        raise click.ClickException(f"no converter for {name!r}; known: {', '.join(converter_names()) or '(none)'} "
                                    "(the other agents load from the hub or a transformers directory as they are)")
-    converter = found[name]
+    converter = get_converter(name)
     given = {key: value for key, value in (("base", base), ("vision_tower", vision_tower), ("dtype", dtype))
              if value is not None}
     check_converter_options(name, converter, given)
@@ -176,7 +163,7 @@ def convert(name, source, output, base, vision_tower, dtype):
         written = converter(source, output, **given)
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:  # bad input, not a bug: no traceback
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise click.ClickException(f"{name} conversion failed: {message}")
+        raise click.ClickException(f"{name} conversion failed: {message}") from None
     click.echo(f"converted {name}: {written}")
     click.echo(f"use it with: transagent extract --preset paper --agent-path {name}={written}")
 

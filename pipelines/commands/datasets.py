@@ -2,6 +2,8 @@
 import click
 
 from pipelines import options as opt
+from pipelines.datasets import (DATASETS, DatasetError, dataset_status, fewshot_path, fewshot_selection, load_dataset,
+                                prepare as prepare_dataset)
 from pipelines.progress import quiet_option
 
 
@@ -18,8 +20,6 @@ def datasets():
 @opt.data_root
 def ls(data_root):
     """List known datasets with their state under the data root."""
-    from pipelines.datasets import DATASETS, dataset_status
-
     rows = [("name", "images", "split", "classes", "template")]
     for info in DATASETS.values():
         images, split = dataset_status(info, data_root)
@@ -28,7 +28,7 @@ def ls(data_root):
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     click.echo(f"data root: {data_root}")
     for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4])
     click.echo("folder:<dir>: your own images, <data root>/<dir>/<class name>/<image>; "
                "split.json (50/20/30 per class) is written on first use.")
 
@@ -42,10 +42,8 @@ def ls(data_root):
 @quiet_option
 def prepare(name, data_root, download):
     """Download, convert or generate NAME and verify it against its split file."""
-    from pipelines.datasets import DatasetError, prepare as prepare_dataset
-
     try:
-        ds = prepare_dataset(name, data_root, download=download, echo=click.echo)
+        ds = prepare_dataset(name, data_root, download=download)
     except DatasetError as error:
         _fail(error)
     sizes = " / ".join(f"{split} {len(ds.split(split))}" for split in ("train", "val", "test"))
@@ -66,8 +64,6 @@ def prepare(name, data_root, download):
 @opt.data_root
 def fewshot(name, shots, seeds, data_root):
     """Draw (once) or read the few-shot selections of NAME for each seed."""
-    from pipelines.datasets import DatasetError, fewshot_path, fewshot_selection, load_dataset
-
     try:
         ds = load_dataset(name, data_root)
         for seed in seeds:

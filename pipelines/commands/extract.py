@@ -171,7 +171,7 @@ def extract_dataset(dataset, dataset_name, data_root, cache_root, preset, agents
         agent_settings=agent_settings)
     say = click.echo if rank == 0 else (lambda *a, **k: None)
     try:
-        ready = _prepare_dataset(options, world_size, download=not dry_run, echo=say)
+        ready = _prepare_dataset(options, world_size, download=not dry_run)
         skipped = skipped_agents(options, registry())  # weights that need a manual step
         jobs = build_jobs(options, ready, echo=say, skipped=skipped)  # + texts a dataset lacks (e.g. gpt3's)
     except (ValueError, OSError, KeyError, DatasetError) as error:
@@ -263,7 +263,7 @@ def _refuse_locked_caches(jobs, cache_root) -> None:
                                              for path, holder in held))
 
 
-def _prepare_dataset(options, world_size: int, download: bool, echo):
+def _prepare_dataset(options, world_size: int, download: bool):
     """Fetch what the dataset and the selected agents' texts need (images, split file, official descriptions) before
     planning; under torchrun the ranks only read (`make extract` prepares before it starts them)."""
     from extract.agents import registry
@@ -278,8 +278,7 @@ def _prepare_dataset(options, world_size: int, download: bool, echo):
     if world_size > 1 or (info.split_path(options.data_root).exists()
                           and not missing_downloads(info, options.data_root, wanted)):
         return None
-    return prepare(options.dataset, options.data_root, download=download, verify=False, descriptions=wanted,
-                   echo=echo)
+    return prepare(options.dataset, options.data_root, download=download, verify=False, descriptions=wanted)
 
 
 def _preflight(todo: list, options, say) -> list:
@@ -293,7 +292,7 @@ def _preflight(todo: list, options, say) -> list:
         say("agents check: the tiny preset builds every agent from its config (nothing to download or verify)")
         return todo
     items = items_from_jobs(todo, options)
-    results = run_checks(items, options, say=say, on_result=lambda result: say(format_result(result)))
+    results = run_checks(items, options, on_result=lambda result: say(format_result(result)))
     say(summary(results))
     failed = [result for result in results if result.status == "failed"]
     if failed:

@@ -5,15 +5,15 @@
     train = ds.select(shots.train)
     base_train, base_names = subsample_classes(train, ds.classnames, "base")
 """
-from pipelines.datasets.dataset import Dataset, Sample, load_dataset, missing_images, unreadable_images
+from pipelines.datasets.dataset import Dataset, Sample, load_dataset
 from pipelines.datasets.errors import DatasetError
 from pipelines.datasets.fewshot import (FewShot, draw_fewshot, fewshot_keys, fewshot_path, fewshot_selection,
                                         subsample_classes)
 from pipelines.datasets.folder import make_folder_split
+from pipelines.datasets.images import missing_images, unreadable_images
 from pipelines.datasets.preparation import dataset_status, prepare
 from pipelines.datasets.registry import (DATASETS, DatasetInfo, Source, dataset_slug, download_sources, get_info,
-                                         instructions,
-                                         known_names)
+                                         instructions, known_names)
 from pipelines.datasets.synthetic import make_synthetic
 
 __all__ = [

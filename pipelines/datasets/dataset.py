@@ -3,15 +3,17 @@
 Sample keys are image paths exactly as written in the split file (POSIX, relative to `image_root`): caches and
 few-shot files store keys, never absolute paths, so they survive a moved data root.
 """
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from pipelines.datasets.errors import DatasetError
+from pipelines.datasets.folder import make_folder_split
+from pipelines.datasets.images import missing_images
 from pipelines.datasets.registry import DatasetInfo, dataset_slug, get_info, instructions
 from pipelines.datasets.splitfile import SPLITS, read_split
+from pipelines.datasets.synthetic import make_synthetic
 
 MAX_LISTED = 10  # missing files named in an error message
 
@@ -84,10 +86,8 @@ def load_dataset(name: str | DatasetInfo, data_root, *, verify: bool = True) -> 
     split_path = info.split_path(data_root)
     if not split_path.exists():
         if info.converter == "synthetic":
-            from pipelines.datasets.synthetic import make_synthetic
             make_synthetic(data_root)
         elif info.converter == "folder":
-            from pipelines.datasets.folder import make_folder_split
             make_folder_split(info.dataset_dir(data_root))
         else:
             raise DatasetError(f"{info.name}: split file {split_path} not found; run `transagent datasets prepare "
@@ -141,40 +141,6 @@ def _samples_and_classes(info: DatasetInfo, raw: dict, split_path: Path):
     if clashes:
         raise DatasetError(f"{split_path}: class names shared by several labels: {clashes}")
     return classnames, samples
-
-
-def missing_images(image_root: Path, keys: Iterable[str]) -> list[str]:
-    """Keys whose file is absent, in the given order; one directory listing per folder, not one stat per file."""
-    keys = list(keys)
-    listings = {}
-    for key in keys:
-        parent = key.rpartition("/")[0]
-        if parent not in listings:
-            try:
-                listings[parent] = set(os.listdir(image_root / parent))
-            except (FileNotFoundError, NotADirectoryError):
-                listings[parent] = set()
-    return [key for key in keys if key.rpartition("/")[2] not in listings[key.rpartition("/")[0]]]
-
-
-def unreadable_images(image_root: Path, keys: Iterable[str], decode: bool = True) -> dict[str, str]:
-    """{path: reason} for images that do not open; `decode` decodes each in full (truncated files fail only then),
-    otherwise only the header is read."""
-    from PIL import Image, UnidentifiedImageError
-
-    problems = {}
-    for key in keys:
-        path = Path(image_root) / key
-        try:
-            with Image.open(path) as image:
-                if decode:
-                    image.load()
-        except FileNotFoundError:
-            problems[str(path)] = "missing"
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            reason = "empty file" if path.is_file() and path.stat().st_size == 0 else f"{type(error).__name__}: {error}"
-            problems[str(path)] = reason
-    return problems
 
 
 def check_images(dataset: Dataset, data_root) -> None:

@@ -44,7 +44,7 @@ def folder_split(root: Path) -> dict:
                                f"(suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
         random.Random(name).shuffle(files)
         parts = files[:n_train], files[n_train:n_train + n_val], files[n_train + n_val:]
-        for split_name, part in zip(SPLITS, parts):
+        for split_name, part in zip(SPLITS, parts, strict=True):
             split[split_name].extend((f"{name}/{file}", label, name) for file in sorted(part))
     return split
 

@@ -11,6 +11,7 @@ published without one (the split files, ImageNet's description files), against t
 """
 import hashlib
 import json
+import logging
 import re
 import urllib.parse
 import urllib.request
@@ -22,38 +23,41 @@ from pipelines.datasets.dataset import Dataset, load_dataset
 from pipelines.datasets.errors import DatasetError
 from pipelines.datasets.registry import DatasetInfo, Source, download_sources, get_info, instructions
 from pipelines.datasets.splitfile import read_split, write_atomic
+from pipelines.datasets.synthetic import make_synthetic
 from pipelines.progress import copy, enabled as progress_enabled
 
 PINS_FILE = "sha256-pins.json"
 DESCRIPTION_AGENTS = ("gpt3", "vicuna")
 DRIVE_URL = re.compile(r"https://drive\.google\.com/(?:file/d/([\w-]+)|(?:open|uc)\?(?:[^#]*&)?id=([\w-]+))")
 
+logger = logging.getLogger(__name__)
+
 
 def prepare(name: str | DatasetInfo, data_root, *, download: bool = True, verify: bool = True,
-            descriptions: tuple[str, ...] = DESCRIPTION_AGENTS, echo=print) -> Dataset:
+            descriptions: tuple[str, ...] = DESCRIPTION_AGENTS) -> Dataset:
     """Make `name` ready under `data_root` and return it (verified unless `verify=False`); DatasetError says
-    what is still missing. `descriptions`: the agents whose official description files are fetched."""
+    what is still missing. `descriptions`: the agents whose official description files are fetched. What is
+    downloaded, pinned, converted or extracted is logged."""
     info = name if isinstance(name, DatasetInfo) else get_info(name)
     data_root = Path(data_root)
     if info.converter == "synthetic":
-        from pipelines.datasets.synthetic import make_synthetic
         make_synthetic(data_root)
     missing = {source.path for source in missing_downloads(info, data_root, descriptions)}
     for source in download_sources(info):
         if source.path not in missing:
             continue
         if not download:
-            echo(f"{info.name}: {source.path} is missing (not downloading)")
+            logger.info("%s: %s is missing (not downloading)", info.name, source.path)
             continue
-        fetch(info, data_root, source, echo)
+        fetch(info, data_root, source)
     split_path = info.split_path(data_root)
     if not split_path.exists() and info.converter in CONVERTERS:
-        echo(f"{info.name}: converting to {split_path}")
+        logger.info("%s: converting to %s", info.name, split_path)
         CONVERTERS[info.converter](info, data_root)
     if not split_path.exists() and info.converter != "folder":
         raise DatasetError(f"{info.name}: not ready, {split_path.name} is missing.\n{instructions(info, data_root)}")
     dataset = load_dataset(info, data_root, verify=verify)
-    _check_description_keys(dataset, echo)
+    _check_description_keys(dataset)
     return dataset
 
 
@@ -64,7 +68,7 @@ def missing_downloads(info: DatasetInfo, data_root, descriptions: tuple[str, ...
             and (source.description_agent is None or source.description_agent in descriptions)]
 
 
-def fetch(info: DatasetInfo, data_root: Path, source: Source, echo) -> None:
+def fetch(info: DatasetInfo, data_root: Path, source: Source) -> None:
     """Download one source, check it, and put it in place (a file as is, a zip extracted into the dataset dir)."""
     root = info.dataset_dir(data_root)
     if source.download == "zip":   # the archive's own name, or the folder's for a link without one (Drive)
@@ -77,7 +81,7 @@ def fetch(info: DatasetInfo, data_root: Path, source: Source, echo) -> None:
     if source.download not in ("zip", "file"):
         raise DatasetError(f"{info.name}: unsupported download type {source.download!r} for {source.path}")
     if not downloaded.exists():  # an archive downloaded before (and checked) is not fetched again
-        echo(f"{info.name}: downloading {source.path} from {source.url}")
+        logger.info("%s: downloading %s from %s", info.name, source.path, source.url)
         partial = downloaded.with_name(downloaded.name + ".tmp")
         try:
             _fetch_url(source.url, partial)
@@ -92,13 +96,14 @@ def fetch(info: DatasetInfo, data_root: Path, source: Source, echo) -> None:
         downloaded.unlink(missing_ok=True)
         raise
     if pinned:
-        echo(f"{info.name}: {source.path} has no published hash; pinned its sha256 {pinned} in {root / PINS_FILE}")
+        logger.info("%s: %s has no published hash; pinned its sha256 %s in %s", info.name, source.path, pinned,
+                    root / PINS_FILE)
     target = root / source.path
     if source.download == "file":
         target.parent.mkdir(parents=True, exist_ok=True)
         downloaded.replace(target)
         return
-    echo(f"{info.name}: extracting {downloaded.name} into {root}")
+    logger.info("%s: extracting %s into %s", info.name, downloaded.name, root)
     with zipfile.ZipFile(downloaded) as zipped:
         zipped.extractall(root)   # zipfile drops absolute paths and '..' from member names
     if not target.exists():
@@ -122,7 +127,7 @@ def _fetch_url(url: str, output: Path) -> None:
             copy(response, file, int(length) if length and length.isdigit() else None,
                  f"download {output.name.removesuffix('.tmp')}")
         return
-    import gdown
+    import gdown  # ~0.3 s: only for Drive links, not on every start of the CLI
     from gdown.exceptions import DownloadError
 
     try:
@@ -185,9 +190,9 @@ def read_pins(path: Path) -> dict[str, str]:
     return pins
 
 
-def _check_description_keys(dataset: Dataset, echo) -> None:
+def _check_description_keys(dataset: Dataset) -> None:
     """Say now, not hours into an extraction, when an official description file misses some of the classes."""
-    from extract.families.language import description_key
+    from extract.families.language import description_key  # stage 2 reads datasets and never imports extract
 
     for agent in DESCRIPTION_AGENTS:
         path = dataset.root / "descriptions" / f"{agent}.json"
@@ -199,8 +204,9 @@ def _check_description_keys(dataset: Dataset, echo) -> None:
             keys = set()
         missing = [name for name in dataset.classnames if description_key(name) not in keys]
         if missing:
-            echo(f"{dataset.name}: {path} has no descriptions for {len(missing)} of {dataset.num_classes} classes "
-                 f"(e.g. {', '.join(map(repr, missing[:3]))}); {agent} will refuse it")
+            logger.warning("%s: %s has no descriptions for %d of %d classes (e.g. %s); %s will refuse it",
+                           dataset.name, path, len(missing), dataset.num_classes, ", ".join(map(repr, missing[:3])),
+                           agent)
 
 
 def _digest(path: Path, kind: str) -> str:

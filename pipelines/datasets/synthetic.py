@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.datasets.dataset import missing_images
 from pipelines.datasets.errors import DatasetError
+from pipelines.datasets.images import missing_images
 from pipelines.datasets.registry import DATASETS
 from pipelines.datasets.splitfile import SPLITS, encode_split, write_atomic
 
@@ -108,7 +108,7 @@ def synthetic_split(num_classes: int = 10, per_class: tuple[int, int, int] = (24
     for label, name in enumerate(class_names(num_classes)):
         folder = name.replace(" ", "_")
         index = 0
-        for split_name, count in zip(SPLITS, per_class):
+        for split_name, count in zip(SPLITS, per_class, strict=True):
             for _ in range(count):
                 split[split_name].append((f"{folder}/{index:04d}.png", label, name))
                 index += 1

@@ -1,16 +1,35 @@
-"""Loading helpers shared by agent modules: real weights that load strictly (no layer silently left random), with
-an error that names the offline routes; the resolved hub commit; seeded tiny random models that leave the caller's
-RNG untouched."""
+"""Loading real weights strictly and building tiny random models reproducibly.
+
+Real weights load strictly: a checkpoint whose keys do not fit the model beyond the agent's documented allowance
+is refused (no layer silently left random), with an error that names the offline routes. Tiny random models are
+built from a seed without disturbing the caller's RNG. Agents, converters and families use these; the module
+imports only `extract.hub` of the package, and torch inside functions (the agent registry is imported at CLI
+start-up).
+"""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from extract.agents.base import KeyAllowance, Source
+from extract.hub import Source, files_directory, hub_commit, hub_offline, offline_help
 
 FIRST_KEYS = 5  # keys named in a refusal
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class KeyAllowance:
+    """Checkpoint keys an agent may load without (`missing`) or leave unused (`unexpected`): fnmatch patterns over
+    the key names the loader reports, and why. Any other missing or unexpected key refuses the load."""
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    reason: str = ""
+
+    def allows(self, kind: str, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, pattern) for pattern in getattr(self, kind))
 
 
 class WeightsMismatch(ValueError):
@@ -45,15 +64,6 @@ def recording():
         _RECORDERS.remove(records)
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def offline_help(agent: str) -> str:
-    return (f"Offline routes: pass a local copy with --agent-path {agent}=DIR, or set HF_HUB_OFFLINE=1 with the "
-            f"model already in the Hugging Face cache (HF_HOME).")
-
-
 def from_pretrained(loader, source: Source, agent: str, **kwargs):
     """`loader(location, **kwargs)` (a tokenizer's or config's `from_pretrained`) for a local path or a hub id at
     its pinned revision. Hub failures are re-raised naming the agent, the source and the offline routes. Models
@@ -75,7 +85,7 @@ def load_model(model_class, source: Source, agent: str, allowance: KeyAllowance 
     missing, unexpected = check_keys(agent, model_class.__name__, place, info, allowance)
     config_file = f"{subfolder}/config.json" if subfolder else "config.json"
     record = LoadedWeights(agent=agent, model=type(model).__name__, source=source.describe(), subfolder=subfolder,
-                           directory=_files_directory(source, subfolder, config_file),
+                           directory=files_directory(source, subfolder, config_file),
                            commit=hub_commit(source, config_file), missing=missing, unexpected=unexpected)
     for records in _RECORDERS:
         records.append(record)
@@ -126,37 +136,6 @@ def _first(keys: list[str]) -> str:
     return ", ".join(keys[:FIRST_KEYS]) + (", ..." if len(keys) > FIRST_KEYS else "")
 
 
-def hub_commit(source: Source, filename: str = "config.json") -> str | None:
-    """The commit a hub download resolved to, read from the Hugging Face cache (transformers 5 no longer puts it on
-    the config); None for local paths or when the file is not cached."""
-    path = _cached_file(source, filename)
-    if path is None:
-        return None
-    parts = Path(path).parts
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
-
-
-def _cached_file(source: Source, filename: str) -> str | None:
-    if source.local_path is not None or source.hub_id is None:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(source.hub_id, filename, revision=source.revision)
-    return path if isinstance(path, str) else None
-
-
-def _files_directory(source: Source, subfolder: str | None, config_file: str) -> str | None:
-    if source.local_path is not None:
-        return str(Path(source.local_path) / subfolder) if subfolder else source.local_path
-    cached = _cached_file(source, config_file)
-    return str(Path(cached).parent) if cached else None
-
-
-def resolved_source(source: Source, filename: str = "config.json") -> dict:
-    """What the manifest records about the weights: the source and, for hub downloads, the resolved commit."""
-    return {"source": source.describe(), "commit": hub_commit(source, filename)}
-
-
 @contextlib.contextmanager
 def seeded(seed: int):
     """Build tiny random models from `seed` without disturbing the global torch RNG. Models are initialised on the
@@ -171,6 +150,6 @@ def seeded(seed: int):
 def torch_dtype(name: str):
     import torch
 
-    if name not in ("float32", "float16", "bfloat16"):
+    if name not in COMPUTE_DTYPES:
         raise ValueError(f"unsupported compute dtype {name!r}; use float32, float16 or bfloat16")
     return getattr(torch, name)

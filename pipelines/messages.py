@@ -1,0 +1,35 @@
+"""Library messages on the command line: what the `extract` and `pipelines` loggers report, shown through click.
+
+The library says what it downloads, pins and converts through `logging`; `transagent` shows those messages on
+stderr, under torchrun on rank 0 only (every rank runs the same preparation). Library users configure logging as
+they like.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+LOGGERS = ("extract", "pipelines")
+
+
+class ClickHandler(logging.Handler):
+    """A record's message through click.echo to stderr, the stream looked up when written (click's test runner
+    swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:  # noqa: BLE001 - logging's contract: a failing handler reports the failure, never raises
+            self.handleError(record)
+
+
+def show_library_messages() -> None:
+    """Route INFO and above of our loggers to the terminal (WARNING and above on the ranks after the first)."""
+    level = logging.INFO if os.environ.get("RANK", "0") in ("", "0") else logging.WARNING
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(handler, ClickHandler) for handler in logger.handlers):
+            logger.addHandler(ClickHandler())
