@@ -12,10 +12,13 @@ this thread, with the calls the runner makes, over one batch per repetition:
                     write       `SegmentWriter.write` (chunk files + journal lines) less its hashing
 
 The model's thread runs the forward and the token post-processing (L2 normalisation and token means, on the
-agent's device); the latter is reported apart, as `model_thread_ms_per_row`. The ratio runs `run_agent` (the whole
-extraction of the rows, model already built) and the bare forward (`block_outputs` on the same batches, inputs
-made beforehand) interleaved, A B then B A, for at least 5 rounds after one warm-up each, and reports the median
-and the min-max of the per-round ratios. A target inside a figure's min-max is "within noise", not pass or miss.
+agent's device); the latter is reported apart, as `model_thread_ms_per_row`.
+
+The ratio is extraction rows/s ÷ bare-forward rows/s: `run_agent` over the rows (model already built; `steady`
+counts its computing and writing, `whole_run` adds creating, finalising and freeing the cache's agent) against
+`block_outputs` on the same batches, inputs made beforehand. The two run interleaved, A B then B A, for at least 5
+rounds after one warm-up each; the figure is the median and the min-max of the per-round ratios. A target inside
+a figure's min-max is "within noise", not pass or miss.
 """
 from __future__ import annotations
 

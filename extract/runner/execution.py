@@ -1,8 +1,9 @@
 """Running one agent, then the next: load it, plan and write its missing rows, free it.
 
 Rank 0 holds the cache's writer lock from planning to the atomic `complete`; every rank plans from the same disk
-state and writes only its own segments. Batches are written on a thread, so disk I/O overlaps the next batch's
-compute, and rows are batched on fixed boundaries, so a resumed run computes every row as an uninterrupted one would.
+state and writes only its own segments. Rows are batched on fixed boundaries, so a resumed run computes every row
+as an uninterrupted one would. The thread that calls the model does nothing else: loader workers make the batches'
+inputs (`inputs.prefetched`) and a writer thread converts, hashes and writes their rows (`BackgroundWriter`).
 """
 from __future__ import annotations
 
@@ -134,36 +135,44 @@ def resolved_revision(runtime) -> str | None:
 
 
 def _compute_segments(cache, assignments, runtime, family, job, progress, state, monitor) -> None:
-    """Compute the assigned rows batch by batch. For a family that splits its work by thread (`prepare`, `finish`:
-    see `extract.families`), loader workers make each batch's inputs and the writer's thread converts, hashes and
-    writes its rows, so the model's thread only runs the model."""
-    split = hasattr(family, "prepare")
     total = sum(len(rows) for _, rows in assignments)
     bar = tqdm(total=total, desc=f"extract {job.spec.name}", unit="row", disable=not progress)
+    finish = partial(family.finish, ctx=job.ctx) if hasattr(family, "finish") else None
     for name, local_rows in assignments:
-        finish = partial(family.finish, ctx=job.ctx) if split else None
-        with cache.segment_writer(name) as writer, BackgroundWriter(writer, finish) as background:
-            def rows_of(batch, writer=writer):
-                return [writer.rows[i] for i in batch]
-
-            def prepare(item):
-                return family.prepare(runtime, rows_of(item[0]), job.ctx)
-
-            batches = aligned_batches(local_rows, len(writer.rows), job.ctx.batch_size)
-            with closing(prefetched(batches, prepare if split else None)) as loaded:
-                for (batch, todo), prepared in loaded:
-                    if split:
-                        arrays = family.compute(runtime, rows_of(batch), job.ctx, prepared, stored=False)
-                    else:
-                        arrays = family.compute(runtime, rows_of(batch), job.ctx)
-                    monitor.sample()
-                    if len(todo) < len(batch):   # a resumed batch: only its missing rows are written
-                        keep = [batch.index(i) for i in todo]
-                        arrays = {key: value[keep] for key, value in arrays.items()}
-                    background.put(todo, arrays)
-                    state.rows += len(todo)
-                    bar.update(len(todo))
+        with cache.segment_writer(name) as writer, BackgroundWriter(writer, finish) as background, \
+                closing(computed_batches(runtime, family, job.ctx, writer.rows, local_rows)) as batches:
+            for todo, arrays in batches:
+                monitor.sample()
+                background.put(todo, arrays)
+                state.rows += len(todo)
+                bar.update(len(todo))
     bar.close()
+
+
+def computed_batches(runtime, family, ctx, segment_rows: list, todo: list[int]):
+    """(rows to write, their arrays) for each aligned batch of a segment's rows to do.
+
+    A family that splits its work by thread (`prepare`, `finish`: see `extract.families`) has each batch's inputs
+    made by loader workers, and returns arrays for `finish` on the writer's thread: this thread runs the model."""
+    split = hasattr(family, "prepare")
+
+    def rows_of(batch):
+        return [segment_rows[i] for i in batch]
+
+    def prepare(item):
+        return family.prepare(runtime, rows_of(item[0]), ctx)
+
+    batches = aligned_batches(todo, len(segment_rows), ctx.batch_size)
+    with closing(prefetched(batches, prepare if split else None)) as loaded:
+        for (batch, write), prepared in loaded:
+            if split:
+                arrays = family.compute(runtime, rows_of(batch), ctx, prepared, stored=False)
+            else:
+                arrays = family.compute(runtime, rows_of(batch), ctx)
+            if len(write) < len(batch):   # a resumed batch: only its missing rows are written
+                keep = [batch.index(i) for i in write]
+                arrays = {key: value[keep] for key, value in arrays.items()}
+            yield write, arrays
 
 
 def aligned_batches(todo: list[int], segment_rows: int, batch_size: int):
