@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cache_schema import AgentCache, ArraySpec
@@ -46,15 +47,15 @@ def test_the_models_thread_runs_only_the_model(tmp_path, monkeypatch):
 
         monkeypatch.setattr(owner, name, recorded)
 
-    for name in ("prepare", "compute", "finish", "normalise_pixels"):
+    for name in ("prepare", "compute", "finish"):
         spy(vision, name)
     spy(RowWriter, "write_row")
     job = dino_job(tmp_path / "data")
     report = run_agent(job, tmp_path / "cache", progress=False)
     assert report.status == "done" and report.rows == 12
     (model,) = threads["compute"]   # one thread calls the model ...
-    assert threads["prepare"] and threads["finish"] and threads["write_row"] and threads["normalise_pixels"]
-    for stage in ("prepare", "normalise_pixels", "finish", "write_row"):   # ... and does nothing else
+    assert threads["prepare"] and threads["finish"] and threads["write_row"]
+    for stage in ("prepare", "finish", "write_row"):   # ... and does nothing else
         assert model not in threads[stage], stage
 
 
@@ -69,6 +70,23 @@ def test_split_work_gives_the_rows_compute_gives(tmp_path, dtype):
     assert set(split) == set(whole) == set(vision.arrays(runtime, job.ctx))
     for name in whole:
         assert split[name].dtype == whole[name].dtype and split[name].tobytes() == whole[name].tobytes(), name
+
+
+@pytest.mark.parametrize("agent", ["dino", "sam"])   # ImageNet statistics on [0, 1]; SAM's on 0-255
+def test_looked_up_pixels_equal_torchs_arithmetic(tmp_path, agent):
+    """Every 8-bit value in every channel, and the strides the model sees, as `normalise_pixels` makes them."""
+    job = dino_job(tmp_path, keys=1)
+    runtime = get_agent(agent).load(LoadRequest(tiny=True, student=STUDENT))
+    image = np.arange(3 * 32 * 32).reshape(32, 32, 3) % 256
+    image[..., 1], image[..., 2] = image[..., 1][::-1], image[..., 2].T   # each channel holds all 256 values
+    Image.fromarray(image.astype(np.uint8)).save(tmp_path / job.ctx.keys[0])
+    rows = [(job.ctx.keys[0], 0)]
+    pixels, _ = vision.prepare(runtime, rows, job.ctx)
+    view = np.array(Image.open(tmp_path / job.ctx.keys[0]).convert("RGB"), np.uint8)[None]
+    assert all(len(np.unique(view[..., c])) == 256 for c in range(3))
+    expected = vision.normalise_pixels(torch.from_numpy(view).permute(0, 3, 1, 2).float() / 255.0, runtime)
+    assert pixels.dtype == expected.dtype and pixels.stride() == expected.stride()
+    assert torch.equal(pixels, expected)
 
 
 def test_the_float16_cast_rounds_as_numpy_does():
