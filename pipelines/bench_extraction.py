@@ -6,7 +6,7 @@ this thread, with the calls the runner makes, over one batch per repetition:
 
     loader worker   decode      `load_rgb`, once per image (its cost shared by the image's views)
                     view        `view_params` + `apply_view` to the student's size
-                    normalise   to a float tensor, the agent's mean/std (`normalise_pixels`)
+                    normalise   the agent's mean/std, per byte from a table (`normalise_bytes`)
     writer thread   fp16        `vision.finish`: the float32 unit tokens cast to the cache's float16
                     hash        sha256 of each array's row bytes, as `SegmentWriter` journals them
                     write       `SegmentWriter.write` (chunk files + journal lines) less its hashing
@@ -145,8 +145,7 @@ def stage_costs(runtime, job: AgentJob, root: Path, reps: int) -> dict[str, list
             pixels = [np.asarray(apply_view(images[key], box, ctx.student.image_size), np.uint8)
                       for (key, _), box in zip(rows, views, strict=True)]
         with stage("normalise"):
-            inputs = vision.normalise_pixels(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255.0,
-                                             runtime)
+            inputs = vision.normalise_bytes(np.stack(pixels), runtime)
         with stage("forward"), torch.no_grad():
             encoded = runtime.encode(inputs)
         with stage("post"):

@@ -98,10 +98,8 @@ def arrays(runtime, ctx) -> dict[str, ArraySpec]:
 
 def prepare(runtime, rows, ctx):
     """One batch's model input, built on a loader worker while the model runs the batch before: each image decoded
-    once, its views cut and resized (`cache_schema.views`), the agent's normalisation applied (`pixel_table`).
+    once, its views cut and resized (`cache_schema.views`), the agent's normalisation applied.
     -> (pixels [R, 3, S, S] float32, views [R, 5] int32)."""
-    import torch
-
     images, params, pixels = {}, [], []
     for key, view_id in rows:
         if key not in images:
@@ -110,9 +108,7 @@ def prepare(runtime, rows, ctx):
         view = view_params(key, view_id, image.width, image.height, ctx.view_spec)
         params.append(view)
         pixels.append(np.asarray(apply_view(image, view, ctx.student.image_size), dtype=np.uint8))
-    index = np.stack(pixels).astype(np.intp) * 3 + np.arange(3)   # [R, S, S, 3]: (value, channel) in the table
-    normalised = np.take(pixel_table(runtime.mean, runtime.std, runtime.pixel_scale), index)
-    return torch.from_numpy(normalised).permute(0, 3, 1, 2), np.stack(params).astype(np.int32)
+    return normalise_bytes(np.stack(pixels), runtime), np.stack(params).astype(np.int32)
 
 
 def compute(runtime, rows, ctx, prepared=None, stored: bool = True) -> dict[str, np.ndarray]:
@@ -192,11 +188,21 @@ def normalise_pixels(pixels, runtime):
     return (pixels * runtime.pixel_scale - mean) / std
 
 
+def normalise_bytes(pixels: np.ndarray, runtime):
+    """8-bit views [R, S, S, 3] -> the agent's input [R, 3, S, S] float32: `normalise_pixels` of the views in
+    [0, 1], looked up per byte (`pixel_table`)."""
+    import torch
+
+    index = pixels.astype(np.intp) * 3 + np.arange(3)   # (value, channel) in the table
+    normalised = np.take(pixel_table(runtime.mean, runtime.std, runtime.pixel_scale), index)
+    return torch.from_numpy(normalised).permute(0, 3, 1, 2)
+
+
 @functools.lru_cache(maxsize=None)
 def pixel_table(mean: tuple, std: tuple, pixel_scale: float) -> np.ndarray:
-    """`normalise_pixels` of every 8-bit value in each channel, [256 * 3] value-major. `prepare` normalises a
-    batch by looking its bytes up: the same numbers as torch's element-wise arithmetic (it made them), in one
-    single-threaded pass that does not contend for the model's thread pool from a loader worker."""
+    """`normalise_pixels` of every 8-bit value in each channel, [256 * 3] value-major: looking a batch's bytes up
+    gives torch's element-wise numbers (it made them) in one single-threaded pass, so a loader worker does not
+    contend for the model's thread pool."""
     import torch
 
     levels = (torch.arange(256, dtype=torch.uint8).float() / 255.0).view(1, 1, 1, 256).expand(1, 3, 1, 256)
