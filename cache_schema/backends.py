@@ -14,6 +14,7 @@ segment with contiguous datasets, allocated early (sparse on disk) so their offs
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -123,14 +124,15 @@ class RowWriter:
             self._offsets = hdf5_offsets(path, arrays)
             self._fd = os.open(path, os.O_RDWR)
 
-    def write_row(self, row: int, values: dict[str, np.ndarray]) -> dict[str, bytes]:
-        """Write one row of every array; returns the bytes written per array (for checksums)."""
-        written = {}
+    def write_row(self, row: int, values: dict[str, np.ndarray]) -> dict[str, str]:
+        """Write one row of every array; returns the sha256 of each array's bytes, hashed from the very buffer
+        that was written (no copy of the row, no read back)."""
+        digests = {}
         for name, spec in self.arrays.items():
             data = np.ascontiguousarray(values[name], dtype=spec.numpy_dtype)
             if data.shape != spec.row_shape:
                 raise ValueError(f"array {name!r}: row shape {data.shape} != expected {spec.row_shape}")
-            raw = data.tobytes()
+            raw = data.reshape(-1).view(np.uint8)   # the row's bytes, without a copy
             if self.backend == "zarr":
                 target = zarr_chunk_path(self.path, name, row, spec)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +142,8 @@ class RowWriter:
                 os.replace(temporary, target)
             else:
                 os.pwrite(self._fd, raw, self._offsets[name] + row * spec.row_bytes)
-            written[name] = raw
-        return written
+            digests[name] = hashlib.sha256(raw).hexdigest()
+        return digests
 
     def close(self) -> None:
         if self._fd is not None:

@@ -7,6 +7,10 @@ A family module exposes:
     fingerprint_fields(ctx) -> dict                    the parts of the context that change this family's numbers
     extra_files(runtime, ctx) -> dict[str, bytes]       files stored beside the arrays (e.g. descriptions.json)
     provenance(runtime, ctx) -> dict (optional)         facts about the loaded model for the manifest's provenance
+    prepare(runtime, rows, ctx), finish(arrays, ctx)     (optional, both) the work around the model, by thread:
+                                                        prepare makes a batch's inputs on a loader worker,
+                                                        compute(runtime, rows, ctx, prepared, stored=False) runs
+                                                        the model, finish converts its arrays on the writer's thread
 The runner calls only these, so it never branches on agent names. Family and agent modules import torch and
 model libraries inside functions only: a complete cache must be recognised without importing them.
 """

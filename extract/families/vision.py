@@ -7,6 +7,9 @@ statistics on a [0, 1] image; reference §10 rows 4-5).
 """
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import numpy as np
 
 from cache_schema.arrays import ArraySpec
@@ -93,17 +96,10 @@ def arrays(runtime, ctx) -> dict[str, ArraySpec]:
     return specs
 
 
-def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
-    """One batch of (key, view id) rows -> tokens [R, L, T, D], token_mean [R, L, D], views [R, 5] (+ scales)."""
-    import torch
-    import torch.nn.functional as F
-
-    layers = selected_layers(runtime, ctx)
-    pooled_grid(ctx)  # validate the context before any work
-    _token_dtype(ctx)
-    if runtime.grid != ctx.student.grid or runtime.image_size != ctx.student.image_size:
-        raise ValueError(f"agent was loaded for a {runtime.image_size}px / {runtime.grid}x{runtime.grid} student, "
-                         f"the context has {ctx.student.image_size}px / {ctx.student.grid}x{ctx.student.grid}")
+def prepare(runtime, rows, ctx):
+    """One batch's model input, built on a loader worker while the model runs the batch before: each image decoded
+    once, its views cut and resized (`cache_schema.views`), the agent's normalisation applied.
+    -> (pixels [R, 3, S, S] float32, views [R, 5] int32)."""
     images, params, pixels = {}, [], []
     for key, view_id in rows:
         if key not in images:
@@ -112,16 +108,49 @@ def compute(runtime, rows, ctx) -> dict[str, np.ndarray]:
         view = view_params(key, view_id, image.width, image.height, ctx.view_spec)
         params.append(view)
         pixels.append(np.asarray(apply_view(image, view, ctx.student.image_size), dtype=np.uint8))
-    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255.0
-    tokens = F.normalize(runtime.encode(normalise_pixels(batch, runtime))[:, list(layers)], dim=-1)
+    return normalise_bytes(np.stack(pixels), runtime), np.stack(params).astype(np.int32)
+
+
+def compute(runtime, rows, ctx, prepared=None, stored: bool = True) -> dict[str, np.ndarray]:
+    """One batch of (key, view id) rows -> tokens [R, L, T, D], token_mean [R, L, D], views [R, 5] (+ scales).
+
+    `prepared` is `prepare`'s output for these rows (made here if None). stored=False leaves the tokens float32
+    for `finish` to convert on the writer's thread, off the thread that runs the model."""
+    import torch.nn.functional as F
+
+    layers = selected_layers(runtime, ctx)
+    pooled_grid(ctx)  # validate the context before any work
+    _token_dtype(ctx)
+    if runtime.grid != ctx.student.grid or runtime.image_size != ctx.student.image_size:
+        raise ValueError(f"agent was loaded for a {runtime.image_size}px / {runtime.grid}x{runtime.grid} student, "
+                         f"the context has {ctx.student.image_size}px / {ctx.student.grid}x{ctx.student.grid}")
+    pixels, views = prepare(runtime, rows, ctx) if prepared is None else prepared
+    tokens = runtime.encode(pixels)
+    if layers != tuple(range(runtime.num_layers)):
+        tokens = tokens[:, list(layers)]
+    tokens = F.normalize(tokens, dim=-1)
     if ctx.token_pool > 1:
         tokens = pool_tokens(tokens, ctx.student.grid, ctx.token_pool)
-    out = {"token_mean": tokens.mean(dim=2).cpu().numpy(), "views": np.stack(params).astype(np.int32)}
-    tokens = tokens.cpu().numpy()
+    out = {"token_mean": tokens.mean(dim=2).cpu().numpy(), "views": views, "tokens": tokens.cpu().numpy()}
+    return finish(out, ctx) if stored else out
+
+
+def finish(arrays: dict[str, np.ndarray], ctx) -> dict[str, np.ndarray]:
+    """`compute(..., stored=False)`'s float32 tokens -> the cache's dtype: float16, float32, or int8 with a
+    per-token scale; bit for bit what numpy's `astype` and `quantize_int8` give."""
+    import torch
+
+    tokens, out = arrays["tokens"], dict(arrays)
     if ctx.dtype == "int8":
         out["tokens"], out["tokens_scale"] = quantize_int8(tokens)
+    elif ctx.dtype == "float16" and not np.isnan(arrays["token_mean"]).any():
+        # torch's cast runs ~10x faster than numpy's and rounds alike, but writes other NaN payloads: a NaN token
+        # makes its token mean NaN, so the small token_mean array says when numpy must cast instead
+        out["tokens"] = torch.from_numpy(np.ascontiguousarray(tokens, np.float32)).to(torch.float16).numpy()
+    elif ctx.dtype == "float16":
+        out["tokens"] = tokens.astype(np.float16)
     else:
-        out["tokens"] = tokens.astype(ctx.dtype)
+        out["tokens"] = tokens.astype(np.float32, copy=False)
     return out
 
 
@@ -157,6 +186,28 @@ def normalise_pixels(pixels, runtime):
     mean = torch.tensor(runtime.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(runtime.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (pixels * runtime.pixel_scale - mean) / std
+
+
+def normalise_bytes(pixels: np.ndarray, runtime):
+    """8-bit views [R, S, S, 3] -> the agent's input [R, 3, S, S] float32: `normalise_pixels` of the views in
+    [0, 1], looked up per byte (`pixel_table`)."""
+    import torch
+
+    index = pixels.astype(np.intp) * 3 + np.arange(3)   # (value, channel) in the table
+    normalised = np.take(pixel_table(runtime.mean, runtime.std, runtime.pixel_scale), index)
+    return torch.from_numpy(normalised).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def pixel_table(mean: tuple, std: tuple, pixel_scale: float) -> np.ndarray:
+    """`normalise_pixels` of every 8-bit value in each channel, [256 * 3] value-major: looking a batch's bytes up
+    gives torch's element-wise numbers (it made them) in one single-threaded pass, so a loader worker does not
+    contend for the model's thread pool."""
+    import torch
+
+    levels = (torch.arange(256, dtype=torch.uint8).float() / 255.0).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    agent = SimpleNamespace(mean=mean, std=std, pixel_scale=pixel_scale)
+    return normalise_pixels(levels, agent)[0, :, 0, :].T.contiguous().numpy().reshape(-1)
 
 
 def pool_tokens(tokens, grid: int, pool: int):

@@ -1,11 +1,23 @@
-"""The images a job reads: every needed image must open before any model loads (`--on-error` decides the rest)."""
+"""The images a job reads: every needed image must open before any model loads (`--on-error` decides the rest),
+and each batch's inputs are made by loader workers while the model computes the batch before."""
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
 from extract.runner.plan import AgentJob, needed_rows
+
+# Decoding, resizing and normalising release the GIL, so threads overlap them with the model (no pickling, no fork
+# of a process that holds a model). One batch ahead per worker keeps the model fed without holding many batches.
+LOADER_WORKERS = min(4, os.cpu_count() or 1)
+
+Item = TypeVar("Item")
+_END = object()
 
 
 def image_keys(job: AgentJob) -> list[str]:
@@ -42,3 +54,28 @@ def drop_keys(jobs: list[AgentJob], keys) -> list[AgentJob]:
         ctx = replace(job.ctx, keys=[key for key in job.ctx.keys if key not in keys])
         out.append(replace(job, ctx=ctx, skipped_keys=tuple(sorted({*job.skipped_keys, *skipped}))))
     return out
+
+
+def prefetched(items: Iterable[Item], prepare: Callable[[Item], object] | None,
+               workers: int = LOADER_WORKERS) -> Iterator[tuple[Item, object]]:
+    """(item, prepare(item)) in order, each prepared on a worker thread up to `workers` items ahead. An item whose
+    preparation failed raises its error when its turn comes, after the items before it; closing the generator
+    cancels what was not started. With prepare None: (item, None), nothing ahead."""
+    if prepare is None:
+        yield from ((item, None) for item in items)
+        return
+    items = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="extract-loader") as pool:
+        pending: deque = deque()
+        try:
+            while True:
+                while len(pending) <= workers and (item := next(items, _END)) is not _END:
+                    pending.append((item, pool.submit(prepare, item)))
+                if not pending:
+                    return
+                item, future = pending.popleft()
+                yield item, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache_schema.lock import locked_message
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class AgentReport:
@@ -19,6 +22,7 @@ class AgentReport:
     rows: int = 0                    # rows computed by this process
     seconds: float = 0.0
     images_per_second: float = 0.0
+    compute_seconds: float = 0.0     # computing and writing the rows: no loading, planning or finishing
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int = 0
     model_loaded: bool = False
@@ -91,7 +95,7 @@ def empty_device_cache(device: str) -> None:
 
 def waiting_for_lock(path: Path, holder, wait: float) -> None:
     """Said once when an extraction starts waiting for another writer (--wait)."""
-    print(f"{locked_message(path, holder).split(';')[0]}; waiting up to {wait:g} s", file=sys.stderr, flush=True)
+    logger.warning("%s; waiting up to %g s", locked_message(path, holder).split(";")[0], wait)
 
 
 def log(log_path, entry, rank: int) -> None:
