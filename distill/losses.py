@@ -1,6 +1,6 @@
 """Stage-2 losses (DESIGN §6, reference §6). Pure functions of tensors (and the gates that fuse the agents).
 
-    L = CE + λ_VAC·L_VAC + λ_LAC·L_LAC + λ_REL·L_REL + λ_MAC·L_MAC,   λ = (1, 25, 1, 1), T = 1
+    L = CE + λ_VAC·L_VAC + λ_LAC·L_LAC + λ_REL·L_REL + λ_MAC·L_MAC   (λ and T: `distill.config.LossWeights`)
 
 Choices (the README repeats them):
 
@@ -29,11 +29,12 @@ Choices (the README repeats them):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from distill.config import MAC_STUDENT_FORMS, LossWeights
 
 # ----- CE -----
 
@@ -155,7 +156,6 @@ def rel_loss(text_features: torch.Tensor, bert_features: torch.Tensor) -> torch.
 # ----- multi-modal: L_MAC -----
 
 
-MAC_STUDENT_FORMS = ("standardized", "logits")
 FLAT_SCORES_EPS = 1e-5   # relative: a std <= eps·max|score| is float rounding of a constant vector, not a signal
 
 
@@ -239,17 +239,6 @@ def official_mac_student_score(text_prompt: torch.Tensor, vision_prompt: torch.T
 
 
 # ----- everything together -----
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    vac: float = 1.0
-    lac: float = 25.0
-    rel: float = 1.0
-    mac: float = 1.0
-    temperature: float = 1.0
-    renormalize_language: bool = True
-    mac_student: str = "standardized"   # S_P of L_MAC: "standardized" logits, or the raw "logits"
 
 
 def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights = LossWeights(),

@@ -105,9 +105,9 @@ def check(dataset, protocol, shots, seeds, data_root, cache_root, preset, agents
     if forward and dataset is None:
         raise click.UsageError("--forward runs one batch of a dataset: give --dataset")
     if device == "auto":
-        from pipelines.commands.extract import _resolve_device
+        from pipelines.devices import resolve_device
 
-        device = _resolve_device(device)
+        device = resolve_device(device)
     dtype = compute_dtype if compute_dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     options = ExtractOptions(dataset=dataset or "", data_root=data_root, cache_root=cache_root, preset=preset,
                              agents=agents, device=device, agent_paths=agent_paths, shots=tuple(shots),

@@ -10,6 +10,7 @@ import click
 
 from pipelines import options as opt
 from pipelines import progress as bars
+from pipelines.devices import DeviceError, planning_device, resolve_device
 from pipelines.launch import LAUNCH_PARAMS
 
 MAX_LISTED = 10  # bad images named in an error
@@ -187,9 +188,10 @@ def extract_dataset(dataset, dataset_name, data_root, cache_root, preset, agents
         raise click.ClickException(str(error))
     log_path = log_path or Path(cache_root) / dataset_slug(dataset, dataset_name) / "extract.jsonl"
     if todo and not dry_run:  # before any image is read or model loaded
-        device = _resolve_device(device) if device == "auto" else device
-        device = (opt.check_submitted_device(device, submitting) if submitting is not None
-                  else opt.check_device(device))
+        try:
+            device = planning_device(device, submitting) if submitting is not None else resolve_device(device)
+        except DeviceError as error:
+            raise click.BadParameter(str(error), param_hint="--device") from None
     bad = unreadable_images(todo)
     if bad:
         listed = "\n".join(f"  {key}: {reason}" for key, reason in list(bad.items())[:MAX_LISTED])
