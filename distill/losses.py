@@ -54,9 +54,9 @@ def agent_layer_map(student_layers: int, agent_layers: int) -> list[int]:
     """
     if student_layers < 1 or agent_layers < 1:
         raise ValueError(f"layer counts must be >= 1, got student {student_layers}, agent {agent_layers}")
-    # floor(x + 1/2) in integers: x = (l+1)·La/Ls
-    return [max(0, (2 * (l + 1) * agent_layers + student_layers) // (2 * student_layers) - 1)
-            for l in range(student_layers)]
+    # floor(x + 1/2) in integers: x = (s+1)·La/Ls
+    return [max(0, (2 * (s + 1) * agent_layers + student_layers) // (2 * student_layers) - 1)
+            for s in range(student_layers)]
 
 
 def student_block_for(agent_layer: int, agent_depth: int, student_depth: int) -> int:
@@ -241,7 +241,7 @@ def official_mac_student_score(text_prompt: torch.Tensor, vision_prompt: torch.T
 # ----- everything together -----
 
 
-def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights = LossWeights(),
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights | None = None,
                  student_tokens: torch.Tensor | None = None,
                  vision_tokens: Mapping[str, torch.Tensor] | None = None,
                  vision_token_means: Mapping[str, torch.Tensor] | None = None,
@@ -258,6 +258,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
     backpropagate) and a dict of floats for logging: every computed term ("ce", "vac", "lac", "rel", "mac",
     "total", unweighted except "total") and the mean gate weight per agent ("gate/<modality>/<agent>").
     """
+    weights = weights or LossWeights()
     terms = {"ce": ce_loss(logits, labels)}
     total = terms["ce"]
     gate_weights: dict[str, torch.Tensor] = {}
@@ -271,7 +272,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
 
     def record(modality: str, names: Sequence[str], w: torch.Tensor) -> None:
         per_agent = w.detach().float().reshape(-1, len(names)).mean(dim=0)
-        for name, value in zip(names, per_agent):
+        for name, value in zip(names, per_agent, strict=True):
             gate_weights[f"gate/{modality}/{name}"] = value
 
     if vision_tokens and weights.vac:
@@ -304,7 +305,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
     terms["total"] = total
     logged = {**terms, **gate_weights}
     values = torch.stack([v.detach().float().reshape(()) for v in logged.values()]).tolist()  # one device sync
-    return total, dict(zip(logged, values))
+    return total, dict(zip(logged, values, strict=True))
 
 
 def _require_gates(gates, modality: str):

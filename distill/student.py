@@ -91,9 +91,10 @@ def _put_ctx(x: torch.Tensor, ctx: torch.Tensor, start: int) -> torch.Tensor:
 class Student(nn.Module):
     """Frozen open_clip CLIP + IVLP prompts. Only the prompts are parameters that require grad."""
 
-    def __init__(self, clip: nn.Module, tokenizer, prompts: PromptConfig = PromptConfig(),
+    def __init__(self, clip: nn.Module, tokenizer, prompts: PromptConfig | None = None,
                  classnames: Sequence[str] | None = None):
         super().__init__()
+        prompts = prompts or PromptConfig()
         _check_supported(clip)
         self.geometry = student_geometry(clip)
         for tower, depth, blocks, n_ctx in (("vision", prompts.depth_vision, self.geometry.layers,
@@ -302,7 +303,7 @@ def _project(x: torch.Tensor, projection) -> torch.Tensor:
     return x @ projection
 
 
-def build_student(model_name: str, pretrained: str | None, prompts: PromptConfig = PromptConfig(),
+def build_student(model_name: str, pretrained: str | None, prompts: PromptConfig | None = None,
                   classnames: Sequence[str] | None = None, device: str | torch.device = "cpu",
                   precision: str = "fp32") -> Student:
     """Create the open_clip model (pretrained tag or checkpoint path) and wrap it with prompts.

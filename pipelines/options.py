@@ -100,7 +100,7 @@ def _parse_minutes(ctx, param, value):
     try:
         parse_time(value)
     except LaunchError as error:
-        raise click.BadParameter(str(error))
+        raise click.BadParameter(str(error)) from None
     return value
 
 

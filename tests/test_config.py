@@ -12,7 +12,7 @@ from distill.config import DistillConfig, LossWeights, OptimConfig
 from pipelines.cli import main
 from pipelines.commands.distill import distill as distill_cli
 from pipelines.config import ConfigError
-from pipelines.config.cli import CONFIG_PARAM, SET_PARAM, flag_groups, layers
+from pipelines.config.cli import flag_groups, layers
 from pipelines.config.distill import DistillRun, digest, resolve, run_name
 from pipelines.config.files import read_config, shipped_names
 from pipelines.config.tree import defaults, leaves, parse_assignment, plain

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from pipelines import console
 from pipelines import options as opt
 from pipelines import progress as bars
 from pipelines.devices import DeviceError, planning_device, resolve_device
@@ -93,6 +94,8 @@ def extract(datasets, launcher, **params):
     With --launcher submitit: one job per (dataset, agent) with incomplete caches, all into the same cache root;
     the dataset preparation, the plan, the image check, the size limit and the agents' check run here first.
     """
+    if int(os.environ.get("RANK", 0)) == 0:   # under torchrun, rank 0 speaks for all
+        console.show_messages()
     opt.check_launcher_flags(click.get_current_context(), launcher)
     names = [name.strip() for name in datasets.split(",") if name.strip()]
     if not names:
@@ -108,13 +111,14 @@ def extract(datasets, launcher, **params):
 
 
 def _submit(names, params):
-    from pipelines.launch import LaunchError, LaunchOptions, print_summary, submit_extraction
+    from pipelines.launch import LaunchError, LaunchOptions, summary
+    from pipelines.submit import submit_extraction
 
     options = LaunchOptions.from_params(params)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise click.UsageError("--launcher submitit submits from one process; run it without torchrun")
     if params["dry_run"]:
-        from pipelines.launch import extraction_tasks
+        from pipelines.submit import extraction_tasks
 
         # Each dataset is planned here as `extract --dry-run` plans it: jobs, image check, size limit.
         plans = {dataset: extract_dataset(dataset, **params)[0] for dataset in names}
@@ -135,14 +139,14 @@ def _submit(names, params):
     job_dir = options.job_dir or Path(params["cache_root"]) / ".jobs"
     opt.require_writable(job_dir, "--job-dir")
     try:
-        states = submit_extraction(plans, params, options, job_dir, echo=click.echo)
+        states = submit_extraction(plans, params, options, job_dir)
     except LaunchError as error:
         raise click.ClickException(str(error)) from None
     if not options.wait:
         click.echo(f"submitted; `transagent cache ls --cache-root {params['cache_root']}` shows the caches' status")
         return
     click.echo("")
-    print_summary(states, echo=click.echo)
+    click.echo(summary(states))
     failed = [state for state in states if state.status in ("failed", "not run")]
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(states)} extraction task(s) did not finish: "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 import click
@@ -69,7 +70,8 @@ def sweep(datasets, ablations, grid, resume, force, processes, gpus, log_dir, dr
         for number, cell in enumerate(cells, 1):
             click.echo(f"{number:>3}. {cell_name(cell)}" + ("   (finished)" if is_finished(cell) else ""))
             if processes or submitit:
-                click.echo("     " + " ".join(f"--set {item}" for item in cell_settings(cell)))
+                click.echo("     " + shlex.join(["transagent", "distill"] + [part for item in cell_settings(cell)
+                                                                           for part in ("--set", item)]))
         click.echo(f"{len(cells)} cell(s)" + (", a job each through submitit" if submitit else
                                              f", {processes} process(es) at once" if processes else ", in-process"))
         return
