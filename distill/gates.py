@@ -138,7 +138,7 @@ class GateSet(nn.Module):
                 "multimodal_in_dim": self.multimodal.in_dim if self.multimodal is not None else None}
 
 
-def build_gates(router: str = "mlp", *, vision_agents: Sequence[str] = (), vision_dim: int | None = None,
+def build_gates(router: str = GateConfig.router, *, vision_agents: Sequence[str] = (), vision_dim: int | None = None,
                 student_layers: int | None = None, language_agents: Sequence[str] = (),
                 language_dim: int | None = None, multimodal_agents: Sequence[str] = (),
                 num_classes: int | None = None, hidden: int = GateConfig.hidden) -> GateSet:

@@ -191,7 +191,8 @@ def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperatur
 
 
 def mac_loss(student_logits: torch.Tensor, agent_scores: Sequence[torch.Tensor], gate,
-             temperature: float = 1.0, student: str = "standardized") -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = LossWeights.temperature,
+             student: str = LossWeights.mac_student) -> tuple[torch.Tensor, torch.Tensor]:
     """T²·KL(softmax(S_A/T) || softmax(S_P/T)); S_A = Σ_k w_k z_k from the standardised agent scores z_k.
 
     student_logits: [B, C] (the same logits CE uses); S_P is them standardised per image (student="standardized")

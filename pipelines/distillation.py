@@ -36,7 +36,7 @@ CONFIG_YAML = "config.yaml"
 def run_directory(config: DistillRun) -> Path:
     from pipelines.datasets import dataset_slug
 
-    return (Path(config.paths.runs_root) / dataset_slug(config.dataset, config.dataset_name) / config.protocol /
+    return (Path(config.runs_root) / dataset_slug(config.dataset, config.dataset_name) / config.protocol /
             f"shots{config.shot}" / f"seed{config.seed}" / run_name(config))
 
 
@@ -45,7 +45,7 @@ def extract_hint(config: DistillRun, agent: str, views: int | None) -> str:
     name = f" --dataset-name {config.dataset_name}" if config.dataset_name else ""
     return (f"transagent extract --dataset {config.dataset}{name} --preset {config.preset} --agents {agent} "
             f"--protocol {protocol} --shots {config.shot} --seeds {config.seed}"
-            + (f" --views {views}" if views else "") + f" --cache-root {config.paths.cache_root}")
+            + (f" --views {views}" if views else "") + f" --cache-root {config.cache_root}")
 
 
 def distill(config: DistillRun, *, resume: bool = False, force: bool = False, stop_after_epoch: int | None = None,
@@ -56,7 +56,7 @@ def distill(config: DistillRun, *, resume: bool = False, force: bool = False, st
     directory = run_directory(config)
     _note_earlier_runs(directory)
     trackers = open_trackers(config.report_to, directory,
-                             directory.relative_to(config.paths.runs_root).as_posix())
+                             directory.relative_to(config.runs_root).as_posix())
     try:
         return _distill(config, trackers, resume, force, stop_after_epoch, progress)
     finally:
@@ -91,9 +91,9 @@ def _distill(config: DistillRun, trackers, resume: bool, force: bool, stop_after
     from distill.trainer import Trainer, evaluate
     from pipelines.datasets import dataset_slug, fewshot_path, load_dataset
 
-    dataset = load_dataset(config.dataset, config.paths.data_root)
+    dataset = load_dataset(config.dataset, config.data_root)
     slug = dataset_slug(config.dataset, config.dataset_name)
-    chosen = training_set(dataset, config.protocol, config.shot, config.seed, config.paths.data_root)
+    chosen = training_set(dataset, config.protocol, config.shot, config.seed, config.data_root)
     agents = resolve_agents(config.agents)
     if config.preset == "tiny":
         register_model_configs()
@@ -105,7 +105,7 @@ def _distill(config: DistillRun, trackers, resume: bool, force: bool, stop_after
         raise RuntimeError(f"{directory} holds a checkpoint of an unfinished run; pass --resume to continue it or "
                            "--force to start over")
 
-    bank = open_teachers(config.paths.cache_root, slug, dataset.split_hash, agents, chosen.classnames,
+    bank = open_teachers(config.cache_root, slug, dataset.split_hash, agents, chosen.classnames,
                          chosen.class_set, config.pins,
                          hint=extract_hint(config, "<agent>", config.views).replace("<agent>", ",".join(agents)),
                          dataset_fields=dataset.fingerprint_fields(slug), depth_fallback=agent_spec_depth)
@@ -124,7 +124,7 @@ def _distill(config: DistillRun, trackers, resume: bool, force: bool, stop_after
                 "train_keys_sha256": hashlib.sha256(json.dumps(chosen.keys).encode()).hexdigest(),
                 "classnames": chosen.classnames,
                 "vision_layers": [{"agent": p.agent, "student": p.student} for p in layer_pairs],
-                "caches": {name: Path(os.path.relpath(path, config.paths.cache_root)).as_posix()
+                "caches": {name: Path(os.path.relpath(path, config.cache_root)).as_posix()
                            for name, path in bank.paths.items()}}
     if final_path.exists() and not resume:
         _check_same_run(directory, resolved, "reuse")

@@ -1,22 +1,21 @@
 """Options shared by several sub-commands: one spelling, one meaning, one default."""
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from pipelines import roots
 from pipelines.config import common
 from pipelines.config.cli import plain_option
+from pipelines.config.extract import ExtractOptions, agent_settings
+from pipelines.launch import CLUSTERS, LAUNCH_PARAMS, LAUNCHERS, LaunchError, parse_time
 
 
 @dataclass(frozen=True)
 class SharedSettings:
     """The run-level settings commands without a configuration take too (`datasets`, `agents`, `cache`)."""
 
-    dataset: str = common.dataset()
-    dataset_name: str | None = common.dataset_name()
     preset: str = common.preset()
     agents: str = common.agents()
     shots: tuple[int, ...] = common.shots("Training images per class, e.g. 16 or 1,2,4,8,16.")
@@ -26,8 +25,6 @@ class SharedSettings:
     runs_root: Path = common.runs_root()
 
 
-dataset = plain_option(SharedSettings, "dataset")
-dataset_name = plain_option(SharedSettings, "dataset_name")
 data_root = plain_option(SharedSettings, "data_root")
 cache_root = plain_option(SharedSettings, "cache_root")
 runs_root = plain_option(SharedSettings, "runs_root")
@@ -35,10 +32,12 @@ preset = plain_option(SharedSettings, "preset")
 agents = plain_option(SharedSettings, "agents")
 shots = plain_option(SharedSettings, "shots")
 seeds = plain_option(SharedSettings, "seeds")
+extract_protocol = plain_option(ExtractOptions, "protocol")
+wait = plain_option(ExtractOptions, "wait")
 
 
 def parse_agent_pairs(ctx, param, values) -> dict[str, str]:
-    """Repeated AGENT=VALUE flags (--agent-path, --descriptions, --cache-fingerprint) -> {agent: value}."""
+    """Repeated NAME=VALUE flags (`agents check --agent-path`, --slurm-option) -> {name: value}."""
     pairs = {}
     for value in values:
         name, sep, rest = value.partition("=")
@@ -49,54 +48,22 @@ def parse_agent_pairs(ctx, param, values) -> dict[str, str]:
 
 
 def parse_agent_settings(ctx, param, values) -> dict[str, dict]:
-    """Repeated AGENT:KEY=VALUE flags (--agent-option) -> {agent: {key: value}}; a VALUE that reads as JSON (5,
-    true, ["a", "b"]) is that value, anything else the string itself."""
-    settings: dict[str, dict] = {}
-    for value in values:
-        head, sep, raw = value.partition("=")
-        agent, colon, key = head.partition(":")
-        if not sep or not colon or not agent.strip() or not key.strip():
-            raise click.BadParameter(f"expected AGENT:KEY=VALUE (e.g. vicuna:descriptions=generate), got {value!r}")
-        try:
-            parsed = json.loads(raw)
-        except json.JSONDecodeError:
-            parsed = raw.strip()
-        settings.setdefault(agent.strip(), {})[key.strip()] = parsed
-    return settings
-
-
-cache_fingerprints = click.option("--cache-fingerprint", "pins", multiple=True, callback=parse_agent_pairs,
-                                  help="AGENT=FINGERPRINT: use this cache when several match.")
-
-
-def _parse_wait(ctx, param, value):
-    if value != value:  # nan
-        raise click.BadParameter("expected a number of seconds, got nan")
-    return value
-
-
-wait = click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, callback=_parse_wait,
-                    metavar="SECONDS", help="If another process is writing a cache: wait up to this long for it "
-                    "(default: stop at once, naming it).")
+    """Repeated AGENT:KEY=VALUE flags (--agent-option) -> {agent: {key: value}} (`config.extract.agent_settings`)."""
+    try:
+        return agent_settings(values)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def require_writable(directory, flag: str) -> None:
     """Fail before any work when a root cannot be written (read-only mount, no permission, full disk)."""
-    directory = Path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise click.ClickException(f"{flag} {directory} is not writable ({reason}); nothing was written. Choose "
-                                   f"another {flag}, or make it writable") from None
+        roots.require_writable(directory, flag)
+    except roots.RootNotWritable as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _parse_minutes(ctx, param, value):
-    from pipelines.launch import LaunchError, parse_time
-
     try:
         parse_time(value)
     except LaunchError as error:
@@ -105,10 +72,10 @@ def _parse_minutes(ctx, param, value):
 
 
 _LAUNCHER_OPTIONS = [
-    click.option("--launcher", type=click.Choice(["local", "submitit"]), default="local", show_default=True,
+    click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
                  help="local: on this machine; submitit: one job per task through submitit (SLURM, or its local "
                       "executor), from this node."),
-    click.option("--cluster", type=click.Choice(["auto", "slurm", "local"]), default="auto", show_default=True,
+    click.option("--cluster", type=click.Choice(CLUSTERS), default="auto", show_default=True,
                  help="With --launcher submitit: SLURM, submitit's local executor (one machine, no scheduler), or "
                       "auto (SLURM where sbatch exists)."),
     click.option("--slurm-partition", default=None, help="SLURM partition."),
@@ -145,12 +112,8 @@ def launcher_options(function):
 
 def check_launcher_flags(ctx, launcher: str) -> None:
     """Scheduler flags given without --launcher submitit would be silently ignored: refuse them."""
-    from click.core import ParameterSource
-
     if launcher == "submitit":
         return
-    from pipelines.launch import LAUNCH_PARAMS
-
     given = [name for name in LAUNCH_PARAMS if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)

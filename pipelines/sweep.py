@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import ConfigError
-from pipelines.config.distill import NOT_IDENTITY, DistillRun, as_yaml, resolve
+from pipelines.config.distill import NOT_IDENTITY, ROOTS, DistillRun, as_yaml, resolve
 from pipelines.config.files import write_config
 from pipelines.config.tree import flatten, from_mapping, parse_assignment, plain, resolve_key
 from pipelines.distillation import distill, run_directory
@@ -79,7 +79,7 @@ def check_ablation(ablation) -> dict[str, object]:
 
 def _may_vary(ablation: dict) -> dict:
     """Only what changes a cell's numbers varies between cells; where it runs and the cell axes are the sweep's."""
-    fixed = [key for key in ablation if key in CELL_KEYS or key.startswith(NOT_IDENTITY)]
+    fixed = [key for key in ablation if key in CELL_KEYS + NOT_IDENTITY]
     if fixed:
         raise SweepError(f"{', '.join(fixed)} cannot vary per cell (it is the grid's axis, or changes no number)")
     return ablation
@@ -152,14 +152,14 @@ def expand_grid(spec: dict) -> list[DistillRun]:
 
 
 def cell_name(cell: DistillRun) -> str:
-    return run_directory(cell).relative_to(cell.paths.runs_root).as_posix()
+    return run_directory(cell).relative_to(cell.runs_root).as_posix()
 
 
 def cell_settings(cell: DistillRun) -> list[str]:
     """The cell as --set assignments: the keys whose values are not the fields' defaults (roots left out)."""
     defaults = flatten(DistillRun())
     return [f"{key}={value if isinstance(value, str) else json.dumps(plain(value))}"
-            for key, value in flatten(cell).items() if value != defaults[key] and not key.startswith("paths.")]
+            for key, value in flatten(cell).items() if value != defaults[key] and key not in ROOTS]
 
 
 def is_finished(cell: DistillRun, rerun: bool = False) -> bool:

@@ -49,7 +49,7 @@ def test_expand_grid_enumerates_every_cell_once(tmp_path):
     assert [(c.dataset, c.shot, c.seed) for c in cells[:4]] == [("eurosat", 1, 1)] * 3 + [("eurosat", 1, 2)]
     assert [c.agents for c in cells[:3]] == ["all", "none", "all"]
     assert cells[2].loss.vac == 0.5 and cells[2].optim.epochs == 2 and cells[0].optim.epochs == 4   # over common
-    assert all(c.protocol == "fewshot" and c.preset == "tiny" and c.paths.runs_root == tmp_path for c in cells)
+    assert all(c.protocol == "fewshot" and c.preset == "tiny" and c.runs_root == tmp_path for c in cells)
     with pytest.raises(SweepError, match="at least one"):
         expand_grid({"seeds": []})
     with pytest.raises(SweepError, match="protocol"):
@@ -76,8 +76,8 @@ def test_grid_file(tmp_path):
 def test_a_cell_file_runs_the_same_cell(tmp_path):
     """A cell's configuration file, read back by the real `distill` command, is the cell: every setting, the same
     run directory."""
-    options = cell(**{"dataset": "dtd", "paths.data_root": tmp_path / "d", "paths.cache_root": tmp_path / "c",
-                      "paths.runs_root": tmp_path / "r", "preset": "tiny", "agents": "dino,mae", "protocol": "fewshot",
+    options = cell(**{"dataset": "dtd", "data_root": tmp_path / "d", "cache_root": tmp_path / "c",
+                      "runs_root": tmp_path / "r", "preset": "tiny", "agents": "dino,mae", "protocol": "fewshot",
                       "shots": (4,), "seeds": (3,), "loss.vac": 0.1, "loss.lac": 2.5e-7, "loss.rel": 0.0,
                       "loss.mac": 3.0, "loss.temperature": 0.7, "loss.mac_student": "logits",
                       "gates.router": "noisy-linear", "gates.hidden": 8, "views": 2, "layers": (3, 7, 11),
@@ -97,7 +97,7 @@ def test_a_cell_file_runs_the_same_cell(tmp_path):
 
 def test_dry_run_lists_cells_and_commands(tmp_path):
     runs = tmp_path / "runs"
-    finished = cell(dataset="b", shots=(2,), seeds=(1,), agents="none", **{"paths.runs_root": runs})
+    finished = cell(dataset="b", shots=(2,), seeds=(1,), agents="none", **{"runs_root": runs})
     run_directory(finished).mkdir(parents=True)
     (run_directory(finished) / "final.json").write_text("{}")
     args = ["--datasets", "a,b", "--shots", "1,2", "--seeds", "1,2", "--ablation", "agents=none",

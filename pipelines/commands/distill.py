@@ -32,7 +32,7 @@ def distill(resume, force, stop_after_epoch, **_):
     """
     console.show_messages()
     config = resolved(click.get_current_context(), DistillRun)
-    opt.require_writable(config.paths.runs_root, "--runs-root")
+    opt.require_writable(config.runs_root, "--runs-root")
     for cell in config.cells():
         try:
             result = run_distill(cell, resume=resume, force=force, stop_after_epoch=stop_after_epoch,

@@ -64,7 +64,7 @@ def sweep(datasets, ablations, grid, resume, force, processes, gpus, log_dir, dr
         cells = expand_grid({key: value for key, value in spec.items() if value is not None})
     except SweepError as error:
         raise click.ClickException(str(error)) from None
-    log_dir = log_dir or Path(cells[0].paths.runs_root) / "sweep-logs"
+    log_dir = log_dir or Path(cells[0].runs_root) / "sweep-logs"
 
     if dry_run:
         for number, cell in enumerate(cells, 1):
@@ -108,7 +108,7 @@ def _submit(cells, params, log_dir, resume: bool, force: bool):
             planning_device(device, options.cluster)
         except DeviceError as error:
             raise click.BadParameter(str(error), param_hint="--device") from None
-    for runs_root in sorted({str(cell.paths.runs_root) for cell in cells}):
+    for runs_root in sorted({str(cell.runs_root) for cell in cells}):
         opt.require_writable(runs_root, "--runs-root")
     job_dir = options.job_dir or Path(log_dir) / "jobs"
     opt.require_writable(job_dir, "--job-dir")
@@ -117,7 +117,7 @@ def _submit(cells, params, log_dir, resume: bool, force: bool):
     except (LaunchError, DatasetError) as error:
         raise click.ClickException(str(error)) from None
     if not options.wait:
-        click.echo(f"submitted; `transagent runs ls {cells[0].paths.runs_root}` shows the cells and their job ids")
+        click.echo(f"submitted; `transagent runs ls {cells[0].runs_root}` shows the cells and their job ids")
         return None
     return [finished_result(cell, state.status, log_path=state.log) if state.status in ("done", "exists")
             else CellResult(cell, "failed", error=state.note, log=state.log)

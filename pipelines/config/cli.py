@@ -76,7 +76,7 @@ def _option(group: list[Leaf], default):
     elif hint is bool:
         kwargs.update(is_flag=True, default=False)
     elif meta.get("choices"):
-        kwargs["type"] = click.Choice([*meta["choices"], *meta.get("aliases", {})])
+        kwargs["type"] = click.Choice([str(choice) for choice in (*meta["choices"], *meta.get("aliases", {}))])
     elif hint is int:
         kwargs["type"] = click.IntRange(min=meta["min"]) if "min" in meta else click.INT
     elif hint is float:
@@ -111,8 +111,12 @@ def layers(ctx: click.Context, cls, skip=()) -> Layers:
         if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
             continue
         value = params[name]
-        if group[0].meta.get("multiple"):
-            value = _pairs(value, group[0].flags[0])
+        multiple = group[0].meta.get("multiple")
+        if multiple:
+            try:
+                value = multiple(value) if callable(multiple) else _pairs(value)
+            except ValueError as error:
+                raise click.BadParameter(str(error), param_hint=group[0].flags[0]) from None
         for leaf in group:
             try:
                 flags[leaf.key] = coerce(leaf, value, text=isinstance(value, str))
@@ -122,20 +126,15 @@ def layers(ctx: click.Context, cls, skip=()) -> Layers:
     return Layers(file, sets, flags)
 
 
-def _pairs(values, flag: str) -> dict[str, str]:
+def _pairs(values) -> dict[str, str]:
     """Repeated NAME=VALUE flags -> {name: value}."""
     pairs = {}
     for value in values:
         name, sep, rest = value.partition("=")
         if not sep or not name.strip():
-            raise click.BadParameter(f"expected NAME=VALUE, got {value!r}", param_hint=flag)
+            raise ValueError(f"expected NAME=VALUE, got {value!r}")
         pairs[name.strip()] = rest.strip()
     return pairs
-
-
-def given(ctx: click.Context, names) -> list[str]:
-    """The parameters among `names` given on the command line (not left at their defaults)."""
-    return [name for name in names if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
 
 
 def plain_option(cls, key: str):

@@ -27,10 +27,11 @@ from pipelines.presets import student_spec
 from pipelines.protocols import ALIASES, PROTOCOLS
 
 # Settings that never change a number: where files are, what computes them, who is told.
-NOT_IDENTITY = ("paths.", "device", "workers", "report_to")
+NOT_IDENTITY = ("data_root", "cache_root", "runs_root", "device", "workers", "report_to")
 # ... and the dataset's identity, which the directory's first part holds as its slug (a folder dataset's spec is
 # a path).
 IN_PATH = ("dataset", "dataset_name")
+ROOTS = ("data_root", "cache_root", "runs_root")
 READABLE_MAX = 60
 DIGEST_CHARS = 10
 
@@ -42,13 +43,6 @@ def _report_to(value: str) -> str:
         return ",".join(parse_report_to(value))
     except TrackingError as error:
         raise ValueError(str(error)) from None
-
-
-@dataclass(frozen=True)
-class DistillPaths:
-    data_root: Path = common.data_root()
-    cache_root: Path = common.cache_root()
-    runs_root: Path = common.runs_root()
 
 
 @dataclass(frozen=True)
@@ -73,7 +67,9 @@ class DistillRun(DistillConfig):
         "multiple": True, "metavar": "AGENT=FINGERPRINT"})
     eval_initial: bool = setting(False, "Also evaluate the prompts before training (epoch 0).",
                                  flag="--eval-initial", short="eval0")
-    paths: DistillPaths = field(default_factory=DistillPaths)
+    data_root: Path = common.data_root()
+    cache_root: Path = common.cache_root()
+    runs_root: Path = common.runs_root()
     device: str = common.device()
     workers: int = setting(0, "Image-loading processes.", flag="--workers", min=0)
     report_to: str = setting("", "Also send metrics.jsonl's records, the accuracies and the configuration to these "
@@ -119,8 +115,7 @@ def resolve(user: dict[str, object]) -> DistillRun:
 
 def identity(config: DistillRun) -> dict[str, object]:
     """Every setting that can change a number of the run, as plain values."""
-    return {key: plain(value) for key, value in flatten(config).items()
-            if not key.startswith(NOT_IDENTITY) and key not in IN_PATH}
+    return {key: plain(value) for key, value in flatten(config).items() if key not in NOT_IDENTITY + IN_PATH}
 
 
 def digest(config: DistillRun) -> str:
@@ -153,10 +148,12 @@ def is_run_name(name: str) -> bool:
     return re.fullmatch(rf".+-[0-9a-f]{{{DIGEST_CHARS}}}", name) is not None
 
 
+def absolute_roots(config: DistillRun) -> DistillRun:
+    return dataclasses.replace(config, **{name: Path(getattr(config, name)).absolute() for name in ROOTS})
+
+
 def as_yaml(config: DistillRun) -> dict:
     """config.yaml's content: the run's own settings first, then the method's, roots made absolute."""
-    config = dataclasses.replace(config, paths=DistillPaths(*(Path(p).absolute() for p in (
-        config.paths.data_root, config.paths.cache_root, config.paths.runs_root))))
-    values = nested(config)
+    values = nested(absolute_roots(config))
     method = [f.name for f in dataclasses.fields(DistillConfig)]
     return {**{k: v for k, v in values.items() if k not in method}, **{k: values[k] for k in method}}

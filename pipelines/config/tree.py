@@ -234,10 +234,17 @@ def _typed(hint, value, text: bool):
         items = value if isinstance(value, (list, tuple)) else _split(value)
         return tuple(_typed(item, entry, text) for entry in items)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping like {{dino: abc}}, got {value!r}")
-        return {str(key): _typed(str, str(entry) if isinstance(entry, (int, float)) else entry, text)
-                for key, entry in value.items()}
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise ValueError(f"expected a mapping of names like {{dino: abc}}, got {value!r}")
+        inner = typing.get_args(hint)[1]
+        if inner is str:
+            return {key: str(entry) if isinstance(entry, (int, float)) else _typed(str, entry, text)
+                    for key, entry in value.items()}
+        return {key: _typed(inner, entry, text) for key, entry in value.items()}
+    if hint is dict:   # a mapping of plain values (an agent's settings)
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise ValueError(f"expected a mapping of names, got {value!r}")
+        return dict(value)
     raise TypeError(f"a field of type {hint} cannot be configured")
 
 
