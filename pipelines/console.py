@@ -1,7 +1,9 @@
-"""The library reports through `logging`; a command shows those messages on the console with `show_messages`."""
+"""The library reports through `logging`; a command shows those messages on the console while it runs."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import click
 
@@ -18,10 +20,23 @@ class _Echo(logging.Handler):
             self.handleError(record)
 
 
-def show_messages() -> None:
-    """Print this project's INFO messages and above (idempotent: one handler per package logger)."""
-    for name in PACKAGES:
-        logger = logging.getLogger(name)
+@contextlib.contextmanager
+def messages() -> Iterator[None]:
+    """Print this project's INFO messages and above until the block ends (then the loggers are as they were)."""
+    handler = _Echo()
+    loggers = [logging.getLogger(name) for name in PACKAGES]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        if not any(isinstance(handler, _Echo) for handler in logger.handlers):
-            logger.addHandler(_Echo())
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def show_messages() -> None:
+    """`messages()` for the rest of the running click command."""
+    click.get_current_context().with_resource(messages())

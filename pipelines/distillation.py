@@ -21,21 +21,26 @@ import shutil
 import time
 from pathlib import Path
 
+from cache_schema import differing_fields
+from cache_schema.pack import reading
+from distill import checkpoints
 from distill.config import DistillConfig, PromptConfig, StudentConfig
+from distill.data import open_teachers
 from pipelines.config.distill import DistillRun, as_yaml, is_run_name, run_name
 from pipelines.config.files import write_config
 from pipelines.config.tree import ConfigError, build, from_mapping
+from pipelines.datasets import (DatasetError, dataset_slug, fewshot_path, load_dataset, subsample_classes,
+                                unreadable_images)
 from pipelines.devices import resolve_device
 from pipelines.presets import register_model_configs, resolve_agents, student_blocks
 from pipelines.protocols import harmonic_mean, test_sets, training_set
+from pipelines.tracking import open_trackers
 
 log = logging.getLogger(__name__)
 CONFIG_YAML = "config.yaml"
 
 
 def run_directory(config: DistillRun) -> Path:
-    from pipelines.datasets import dataset_slug
-
     return (Path(config.runs_root) / dataset_slug(config.dataset, config.dataset_name) / config.protocol /
             f"shots{config.shot}" / f"seed{config.seed}" / run_name(config))
 
@@ -51,8 +56,6 @@ def extract_hint(config: DistillRun, agent: str, views: int | None) -> str:
 def distill(config: DistillRun, *, resume: bool = False, force: bool = False, stop_after_epoch: int | None = None,
             progress: bool = True) -> dict:
     """Train (or resume, or return the finished result of) one run; returns final.json's content."""
-    from pipelines.tracking import open_trackers
-
     directory = run_directory(config)
     _note_earlier_runs(directory)
     trackers = open_trackers(config.report_to, directory,
@@ -76,7 +79,7 @@ def _note_earlier_runs(directory: Path) -> None:
 
 def run_config(config: DistillRun, dataset: str, agents: list[str], device: str):
     """What the trainer reads: the method's settings as they are, and the run's data."""
-    from distill.trainer import RunConfig
+    from distill.trainer import RunConfig   # torch: not for a run that is only read back
 
     method = {item.name: getattr(config, item.name) for item in dataclasses.fields(DistillConfig)}
     return RunConfig(**method, dataset=dataset, protocol=config.protocol, shots=config.shot, seed=config.seed,
@@ -85,11 +88,7 @@ def run_config(config: DistillRun, dataset: str, agents: list[str], device: str)
 
 
 def _distill(config: DistillRun, trackers, resume: bool, force: bool, stop_after_epoch, progress: bool) -> dict:
-    from cache_schema.pack import reading
-    from distill import checkpoints
-    from distill.data import open_teachers
     from distill.trainer import Trainer, evaluate
-    from pipelines.datasets import dataset_slug, fewshot_path, load_dataset
 
     dataset = load_dataset(config.dataset, config.data_root)
     slug = dataset_slug(config.dataset, config.dataset_name)
@@ -172,8 +171,6 @@ MAX_LISTED = 10  # unreadable images named in an error
 def check_run_images(dataset, train_keys, protocol: str, selection: Path) -> None:
     """Every image a run reads must open before training starts: training images are decoded in full (they are
     read every epoch), test images by their header (decoding a whole test set up front costs as much as testing)."""
-    from pipelines.datasets import DatasetError, unreadable_images
-
     test_keys = sorted({sample.key for samples, _ in test_sets(dataset, protocol).values() for sample in samples})
     problems = {**unreadable_images(dataset.image_root, train_keys, decode=True),
                 **unreadable_images(dataset.image_root, test_keys, decode=False)}
@@ -194,7 +191,7 @@ def agent_spec_depth(agent: str, manifest: dict) -> int | None:
     tiny_config = manifest.get("fields", {}).get("agent", {}).get("tiny_config")
     if isinstance(tiny_config, dict) and "num_hidden_layers" in tiny_config:
         return tiny_config["num_hidden_layers"]
-    from extract.agents import get_agent
+    from extract.agents import get_agent   # stage 1's registry, only for caches this old
 
     try:
         return get_agent(agent).depth
@@ -219,8 +216,6 @@ NOT_COMPARED = {"device", "workers", "dataset_spec"}
 
 def _check_same_run(directory: Path, resolved: dict, action: str) -> None:
     """A run directory is reused or resumed only for the configuration it was made with."""
-    from cache_schema import differing_fields
-
     path = directory / "config.json"
     if not path.exists():
         return
@@ -249,10 +244,8 @@ def evaluate_run(run_dir, dataset_name: str | None, data_root, device: str = "cp
     """Re-evaluate a trained run's prompts (e.g. on another dataset for cross/dg); writes eval-<dataset>.json.
 
     The checkpoint is parsed, never unpickled (`distill.checkpoints`): a run directory may come from anyone."""
-    from distill import checkpoints
     from distill.student import build_student
     from distill.trainer import evaluate
-    from pipelines.datasets import dataset_slug, load_dataset, subsample_classes
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"

@@ -7,10 +7,17 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from cache_schema.views import ViewSpec
+from extract.agents import registry
+from extract.agents.base import LoadRequest, Source, StudentInfo
+from extract.families import ExtractContext
+from extract.runner import AgentJob, is_complete, local_weights, planned_path
 from pipelines.config.extract import ExtractOptions
+from pipelines.datasets import dataset_slug, load_dataset
 from pipelines.devices import compute_dtype
 from pipelines.presets import resolve_agents, student_spec
 from pipelines.protocols import training_set
+from pipelines.texts import check_settings, plan_texts
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +29,6 @@ WEIGHTS_MEMO = ".weights-sha256.json"   # under the cache root: digests of local
 
 
 def student_info(preset: str):
-    from extract.agents.base import StudentInfo
-
     spec = student_spec(preset)
     return StudentInfo(spec.model, spec.pretrained, spec.image_size, spec.patch_size, spec.width, spec.layers)
 
@@ -32,14 +37,6 @@ def build_jobs(options: ExtractOptions, dataset=None, skipped: dict | None = Non
     """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set); sd
     after vicuna, whose descriptions it may read. One line is logged per agent skipped or text choice made;
     `skipped`, when given, collects the agents left out (name -> why) instead."""
-    from cache_schema.views import ViewSpec
-    from extract.agents import registry
-    from extract.agents.base import LoadRequest
-    from extract.families import ExtractContext
-    from extract.runner import AgentJob
-    from pipelines.datasets import dataset_slug, load_dataset
-    from pipelines.texts import check_settings, plan_texts
-
     # Images are checked later, and only those the jobs need (`--on-error` decides what a bad one does).
     dataset = dataset or load_dataset(options.dataset, options.data_root, verify=False)
     slug = dataset_slug(options.dataset, options.dataset_name)
@@ -48,6 +45,9 @@ def build_jobs(options: ExtractOptions, dataset=None, skipped: dict | None = Non
     files = dict(options.descriptions)
     check_settings(options.agent_settings, tuple(agents), files)
     student = student_info(options.preset)
+    # Planning needs no torch, so `auto` plans on the CPU; `extract_dataset` moves the jobs it runs to the device
+    # it resolved and checked.
+    device = "cpu" if options.device == "auto" else options.device
     keys_by_class_set: dict[str, set[str]] = {}
     for protocol in options.protocols:
         for shots in options.shots:
@@ -79,11 +79,11 @@ def build_jobs(options: ExtractOptions, dataset=None, skipped: dict | None = Non
             image_root=dataset.image_root, keys=all_keys,
             classnames=list(dataset.classnames), template=plan.template, student=student, class_set="all",
             views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
-            token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
+            token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=device,
             options=agent_options)
         source, weights = agent_weights(spec, options)
-        request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
-                              dtype=compute_dtype(options.device), source=source,
+        request = LoadRequest(tiny=options.preset == "tiny", student=student, device=device,
+                              dtype=compute_dtype(device), source=source,
                               options=agent_options)
         if spec.family == "t2i":  # one cache per class set, each over the images that class set trains on
             for class_set, keys in sorted(keys_by_class_set.items()):
@@ -98,8 +98,6 @@ def build_jobs(options: ExtractOptions, dataset=None, skipped: dict | None = Non
 def _vicuna_cache_conditioning(options: ExtractOptions, dataset, plan, jobs: list) -> dict:
     """sd on the descriptions vicuna generates: they will be in vicuna's cache, whose fingerprint sd's chains. If
     vicuna is neither extracted in this run nor complete in the cache, sd conditions on the template."""
-    from extract.runner import is_complete, planned_path
-
     vicuna = next((job for job in jobs if job.spec.name == "vicuna"), None)
     if vicuna is None:
         vicuna = build_jobs(replace(options, agents="vicuna"), dataset)[0]
@@ -115,9 +113,6 @@ def agent_weights(spec, options: ExtractOptions) -> tuple:
     """(source, identity) of an agent's real weights: a --agent-path directory (identified by its files' sha256),
     or a published checkpoint converted under the weights root (identified by the checkpoint's sha256, known from
     its pin without a download); (None, None) for hub agents and the tiny preset."""
-    from extract.agents.base import Source
-    from extract.runner import local_weights
-
     if spec.name in options.agent_paths:
         source = Source(local_path=str(options.agent_paths[spec.name]))
         return source, local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)

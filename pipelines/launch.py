@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import click
+
+from pipelines.cli import main
+
 log = logging.getLogger(__name__)
 LAUNCHERS = ("local", "submitit")
 CLUSTERS = ("auto", "slurm", "local")
@@ -94,7 +98,7 @@ def parse_time(value) -> int:
 
 def make_executor(options: LaunchOptions, folder, name: str):
     """A submitit executor: SLURM or the local one, with the resources of one task (one job per task)."""
-    import submitit
+    import submitit   # not for the commands that only name the launcher's flags
 
     cluster = None if options.cluster == "auto" else options.cluster
     try:
@@ -140,12 +144,8 @@ class TaskState:
 
 def run_task(argv: list[str]) -> None:
     """The job's body on the compute node: one `transagent` command, offline. Returns nothing on purpose."""
-    import click
-
     os.environ["HF_HUB_OFFLINE"] = "1"
     print(f"transagent {shlex.join(argv)}\n  pid {os.getpid()} on {socket.gethostname()}", flush=True)
-    from pipelines.cli import main
-
     try:
         main.main(args=list(argv), prog_name="transagent", standalone_mode=False)
     except click.ClickException as error:

@@ -11,11 +11,13 @@ from click.testing import CliRunner
 from distill.config import DistillConfig, LossWeights, OptimConfig
 from pipelines.cli import main
 from pipelines.commands.distill import distill as distill_cli
+from pipelines.commands.extract import extract as extract_cli
 from pipelines.config import ConfigError
 from pipelines.config.cli import flag_groups, layers
 from pipelines.config.distill import DistillRun, digest, resolve, run_name
+from pipelines.config.extract import ExtractOptions
 from pipelines.config.files import read_config, shipped_names
-from pipelines.config.tree import defaults, leaves, parse_assignment, plain
+from pipelines.config.tree import build, defaults, leaves, parse_assignment, plain
 from pipelines.protocols import PROTOCOLS
 
 
@@ -49,6 +51,28 @@ def test_cli_yaml_and_dataclass_agree():
                  "--dataset-name", "--report-to", "--config", "--set", "--lr", "--batch-size"):
         assert flag in help_text, flag
     assert f"[default: {LossWeights().lac}]" in help_text
+
+
+def test_extract_cli_and_dataclass_agree():
+    params = {param.name: param for param in extract_cli.params}
+    for name, group in flag_groups(ExtractOptions, skip=("dataset",)).items():
+        assert name in params and set(group[0].flags) <= set(params[name].opts), name
+    for key, value in defaults(ExtractOptions).items():
+        text = str(value) if isinstance(value, (str, Path)) else json.dumps(plain(value))
+        assert parse_assignment(ExtractOptions, f"{key}={text}") == {key: value}, key
+    context = extract_cli.make_context("extract", ["--set", "views=2", "--views", "3", "--token-pool", "2",
+                                                   "--set", "max_bytes=inf", "--layers", "all"])
+    config = build(ExtractOptions, layers(context, ExtractOptions, skip=("dataset",)).merged())
+    assert (config.views, config.token_pool, config.max_bytes, config.layers) == (3, 2, float("inf"), None)
+    for bad in (["--max-bytes", "0"], ["--max-bytes", "nan"], ["--layers", "-1"], ["--wait", "nan"]):
+        result = CliRunner().invoke(main, ["extract", *bad, "--dry-run"])
+        assert result.exit_code == 2 and bad[0] in result.output, (bad, result.output)
+
+
+def test_shots_and_seeds_are_lists_and_each_pair_is_a_run():
+    cells = resolved("--shots", "1,4", "--seeds", "2,3").cells()
+    assert [(cell.shot, cell.seed) for cell in cells] == [(1, 2), (1, 3), (4, 2), (4, 3)]
+    assert len({run_name(cell) for cell in cells}) == 4
 
 
 def test_set_values_are_typed_from_the_fields_and_errors_name_the_key():
@@ -136,12 +160,15 @@ def test_config_yaml_reproduces_the_run(tmp_path):
     from pipelines.datasets import make_synthetic
 
     make_synthetic(tmp_path / "data", num_classes=4, per_class=(2, 1, 1))
+    earlier = tmp_path / "runs" / "synthetic" / "base2novel" / "shots2" / "seed1" / "default"
+    earlier.mkdir(parents=True)   # an earlier version's name: never reused, and said once
     args = ["distill", "--config", "base2novel", "--set", "optim.lr=0.01", "--preset", "tiny", "--dataset",
             "synthetic", "--agents", "none", "--shots", "2", "--epochs", "1", "--device", "cpu",
             "--data-root", tmp_path / "data", "--cache-root", tmp_path / "cache", "--runs-root", tmp_path / "runs"]
     first = CliRunner().invoke(main, [str(a) for a in args])
     assert first.exit_code == 0, first.output
     run_dir = Path(first.output.strip().splitlines()[-1].strip())
+    assert "holds run directories of an earlier version (default); they are not reused" in first.output
     assert run_dir.name.startswith("lr-0.01_epochs-1_agents-none-") and (run_dir / "final.json").exists()
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["optim"]["lr"] == 0.01 and written["optim"]["epochs"] == 1 and written["seeds"] == [1]

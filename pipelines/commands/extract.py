@@ -18,7 +18,9 @@ from pipelines.config.tree import build
 from pipelines.devices import DeviceError
 from pipelines.extract_run import ExtractError, extract_dataset, preflight
 from pipelines.extraction import SizeLimitError
+from pipelines.launch import LaunchError, LaunchOptions, summary
 from pipelines.roots import RootNotWritable
+from pipelines.submit import submit_extraction
 
 
 @click.command()
@@ -68,9 +70,6 @@ def _call(function, *args, **kwargs):
 
 
 def _submit(configs: dict[str, ExtractOptions], dry_run: bool, params: dict):
-    from pipelines.launch import LaunchError, LaunchOptions, summary
-    from pipelines.submit import submit_extraction
-
     options = LaunchOptions.from_params(params)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise click.UsageError("--launcher submitit submits from one process; run it without torchrun")

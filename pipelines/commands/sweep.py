@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from pipelines.datasets import DatasetError
+
 from pipelines import console
 from pipelines import options as opt
 from pipelines import progress as bars
@@ -14,6 +16,7 @@ from pipelines.commands.distill import checked_device
 from pipelines.config.cli import layers, tree_options
 from pipelines.config.distill import DistillRun
 from pipelines.devices import DeviceError, planning_device, resolve_device
+from pipelines.launch import LaunchError, LaunchOptions
 from pipelines.sweep import (CellResult, SweepError, cell_name, cell_settings, expand_grid, finished_result,
                              grid_file, is_finished, run_in_process, run_processes, summary_table)
 
@@ -98,9 +101,7 @@ def sweep(datasets, ablations, grid, resume, force, processes, gpus, log_dir, dr
 
 def _submit(cells, params, log_dir, resume: bool, force: bool):
     """The cells as one submitit job array; None with --no-wait (then `transagent runs ls` follows them)."""
-    from pipelines.datasets import DatasetError
-    from pipelines.launch import LaunchError, LaunchOptions
-    from pipelines.submit import submit_sweep
+    from pipelines.submit import submit_sweep   # the submission side of both stages: stage 2 never imports stage 1
 
     options = LaunchOptions.from_params(dict(params))
     for device in sorted({cell.device for cell in cells}):   # each task checks its own on its node

@@ -121,8 +121,7 @@ def layers(ctx: click.Context, cls, skip=()) -> Layers:
             try:
                 flags[leaf.key] = coerce(leaf, value, text=isinstance(value, str))
             except ConfigError as error:
-                message = str(error).split(": ", 1)[-1]
-                raise click.BadParameter(message, param_hint=leaf.flags[0]) from None
+                raise click.BadParameter(error.problem, param_hint=leaf.flags[0]) from None
     return Layers(file, sets, flags)
 
 
@@ -150,7 +149,7 @@ def plain_option(cls, key: str):
         try:
             return coerce(leaf, value, text=isinstance(value, str))
         except ConfigError as error:
-            raise click.BadParameter(str(error).split(": ", 1)[-1]) from None
+            raise click.BadParameter(error.problem) from None
 
     kwargs = {"type": click.Choice(leaf.meta["choices"])} if leaf.meta.get("choices") else {}
     if _bare(leaf.hint) is Path:

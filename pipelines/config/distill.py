@@ -25,6 +25,7 @@ from pipelines.config.files import read_config
 from pipelines.config.tree import build, flatten, leaves, nested, plain
 from pipelines.presets import student_spec
 from pipelines.protocols import ALIASES, PROTOCOLS
+from pipelines.tracking import TrackingError, parse_report_to
 
 # Settings that never change a number: where files are, what computes them, who is told.
 NOT_IDENTITY = ("data_root", "cache_root", "runs_root", "device", "workers", "report_to")
@@ -37,8 +38,6 @@ DIGEST_CHARS = 10
 
 
 def _report_to(value: str) -> str:
-    from pipelines.tracking import TrackingError, parse_report_to
-
     try:
         return ",".join(parse_report_to(value))
     except TrackingError as error:

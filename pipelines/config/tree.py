@@ -19,12 +19,23 @@ import types
 import typing
 from pathlib import Path
 
-NONE_WORDS = ("none", "null", "~", "")
+import yaml
+
+NONE_WORDS = ("none", "null", "~")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key (and the file)."""
+    """A configuration key or value that cannot be used; the message names the key (and the file), `problem`
+    says what is wrong with the value alone (a flag's error names the flag instead)."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
+
+
+def _invalid(leaf: "Leaf", where: str, problem: str) -> ConfigError:
+    return ConfigError(f"{where}{leaf.key}: {problem}", problem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,13 +192,13 @@ def coerce(leaf: Leaf, value, text: bool = False, where: str = ""):
     try:
         typed = _typed(leaf.hint, _alias(leaf, value), text)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}{leaf.key}: {error}") from None
+        raise _invalid(leaf, where, str(error)) from None
     choices = leaf.meta.get("choices")
     if choices and typed not in choices and typed is not None:
-        raise ConfigError(f"{where}{leaf.key}: {typed!r} is not one of {', '.join(choices)}")
+        raise _invalid(leaf, where, f"{typed!r} is not one of {', '.join(map(str, choices))}")
     low = leaf.meta.get("min")
     if low is not None and isinstance(typed, (int, float)) and typed < low:
-        raise ConfigError(f"{where}{leaf.key}: {typed!r} is below the minimum {low}")
+        raise _invalid(leaf, where, f"{typed!r} is below the minimum {low}")
     if leaf.meta.get("sorted") and typed is not None:
         typed = tuple(sorted(set(typed)))
     check = leaf.meta.get("check")
@@ -195,7 +206,9 @@ def coerce(leaf: Leaf, value, text: bool = False, where: str = ""):
         try:
             typed = check(typed)
         except ValueError as error:
-            raise ConfigError(f"{where}{leaf.key}: {error}") from None
+            raise _invalid(leaf, where, str(error)) from None
+    if isinstance(typed, float) and math.isnan(typed):   # after the field's check, which may say it better
+        raise _invalid(leaf, where, "expected a number, got nan")
     return typed
 
 
@@ -216,7 +229,7 @@ def _typed(hint, value, text: bool):
         if isinstance(value, str):
             return value
         raise ValueError(f"expected text, got {value!r} (quote it in YAML)")
-    if text and isinstance(value, str) and hint not in (Path,):
+    if text and isinstance(value, str) and hint is not Path:
         value = _yaml_value(value)
     if hint is bool:
         return _boolean(value)
@@ -249,8 +262,6 @@ def _typed(hint, value, text: bool):
 
 
 def _yaml_value(text: str):
-    import yaml
-
     try:
         return yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
@@ -292,9 +303,6 @@ def _number(value) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     try:
-        number = float(value)   # YAML reads 5e-4 (no dot) as text; it is still a number
+        return float(value)   # YAML reads 5e-4 (no dot) as text; it is still a number
     except (TypeError, ValueError):
         raise ValueError(f"expected a number, got {value!r}") from None
-    if math.isnan(number):
-        raise ValueError("expected a number, got nan")
-    return number
