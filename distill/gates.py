@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTERS = ("mlp", "noisy-linear")
+from distill.config import ROUTERS, GateConfig
 
 
 class _Gate(nn.Module):
@@ -71,7 +71,7 @@ class _Gate(nn.Module):
 class MLPGate(_Gate):
     """Linear -> GELU -> Linear -> softmax over agents (DESIGN §6)."""
 
-    def __init__(self, in_dim: int, num_agents: int, hidden: int = 256):
+    def __init__(self, in_dim: int, num_agents: int, hidden: int = GateConfig.hidden):
         super().__init__(in_dim, num_agents)
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_agents))
 
@@ -102,7 +102,7 @@ class NoisyLinearRouter(_Gate):
         return router_probs.softmax(dim=-1)   # the official caller's second softmax
 
 
-def make_gate(router: str, in_dim: int, num_agents: int, hidden: int = 256) -> _Gate:
+def make_gate(router: str, in_dim: int, num_agents: int, hidden: int = GateConfig.hidden) -> _Gate:
     if router == "mlp":
         return MLPGate(in_dim, num_agents, hidden)
     if router == "noisy-linear":
@@ -138,10 +138,10 @@ class GateSet(nn.Module):
                 "multimodal_in_dim": self.multimodal.in_dim if self.multimodal is not None else None}
 
 
-def build_gates(router: str = "mlp", *, vision_agents: Sequence[str] = (), vision_dim: int | None = None,
+def build_gates(router: str = GateConfig.router, *, vision_agents: Sequence[str] = (), vision_dim: int | None = None,
                 student_layers: int | None = None, language_agents: Sequence[str] = (),
                 language_dim: int | None = None, multimodal_agents: Sequence[str] = (),
-                num_classes: int | None = None, hidden: int = 256) -> GateSet:
+                num_classes: int | None = None, hidden: int = GateConfig.hidden) -> GateSet:
     """Gates for the given agents. vision_dim = token width D; language_dim = class-feature width;
     num_classes = the training class count C (the multimodal gate reads K*C scores)."""
     if router not in ROUTERS:

@@ -1,6 +1,6 @@
 """Stage-2 losses (DESIGN §6, reference §6). Pure functions of tensors (and the gates that fuse the agents).
 
-    L = CE + λ_VAC·L_VAC + λ_LAC·L_LAC + λ_REL·L_REL + λ_MAC·L_MAC,   λ = (1, 25, 1, 1), T = 1
+    L = CE + λ_VAC·L_VAC + λ_LAC·L_LAC + λ_REL·L_REL + λ_MAC·L_MAC   (λ and T: `distill.config.LossWeights`)
 
 Choices (the README repeats them):
 
@@ -29,11 +29,12 @@ Choices (the README repeats them):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from distill.config import MAC_STUDENT_FORMS, LossWeights
 
 # ----- CE -----
 
@@ -53,9 +54,9 @@ def agent_layer_map(student_layers: int, agent_layers: int) -> list[int]:
     """
     if student_layers < 1 or agent_layers < 1:
         raise ValueError(f"layer counts must be >= 1, got student {student_layers}, agent {agent_layers}")
-    # floor(x + 1/2) in integers: x = (l+1)·La/Ls
-    return [max(0, (2 * (l + 1) * agent_layers + student_layers) // (2 * student_layers) - 1)
-            for l in range(student_layers)]
+    # floor(x + 1/2) in integers: x = (s+1)·La/Ls
+    return [max(0, (2 * (s + 1) * agent_layers + student_layers) // (2 * student_layers) - 1)
+            for s in range(student_layers)]
 
 
 def student_block_for(agent_layer: int, agent_depth: int, student_depth: int) -> int:
@@ -155,7 +156,6 @@ def rel_loss(text_features: torch.Tensor, bert_features: torch.Tensor) -> torch.
 # ----- multi-modal: L_MAC -----
 
 
-MAC_STUDENT_FORMS = ("standardized", "logits")
 FLAT_SCORES_EPS = 1e-5   # relative: a std <= eps·max|score| is float rounding of a constant vector, not a signal
 
 
@@ -191,7 +191,8 @@ def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperatur
 
 
 def mac_loss(student_logits: torch.Tensor, agent_scores: Sequence[torch.Tensor], gate,
-             temperature: float = 1.0, student: str = "standardized") -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = LossWeights.temperature,
+             student: str = LossWeights.mac_student) -> tuple[torch.Tensor, torch.Tensor]:
     """T²·KL(softmax(S_A/T) || softmax(S_P/T)); S_A = Σ_k w_k z_k from the standardised agent scores z_k.
 
     student_logits: [B, C] (the same logits CE uses); S_P is them standardised per image (student="standardized")
@@ -241,18 +242,7 @@ def official_mac_student_score(text_prompt: torch.Tensor, vision_prompt: torch.T
 # ----- everything together -----
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    vac: float = 1.0
-    lac: float = 25.0
-    rel: float = 1.0
-    mac: float = 1.0
-    temperature: float = 1.0
-    renormalize_language: bool = True
-    mac_student: str = "standardized"   # S_P of L_MAC: "standardized" logits, or the raw "logits"
-
-
-def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights = LossWeights(),
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weights: LossWeights | None = None,
                  student_tokens: torch.Tensor | None = None,
                  vision_tokens: Mapping[str, torch.Tensor] | None = None,
                  vision_token_means: Mapping[str, torch.Tensor] | None = None,
@@ -269,6 +259,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
     backpropagate) and a dict of floats for logging: every computed term ("ce", "vac", "lac", "rel", "mac",
     "total", unweighted except "total") and the mean gate weight per agent ("gate/<modality>/<agent>").
     """
+    weights = weights or LossWeights()
     terms = {"ce": ce_loss(logits, labels)}
     total = terms["ce"]
     gate_weights: dict[str, torch.Tensor] = {}
@@ -282,7 +273,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
 
     def record(modality: str, names: Sequence[str], w: torch.Tensor) -> None:
         per_agent = w.detach().float().reshape(-1, len(names)).mean(dim=0)
-        for name, value in zip(names, per_agent):
+        for name, value in zip(names, per_agent, strict=True):
             gate_weights[f"gate/{modality}/{name}"] = value
 
     if vision_tokens and weights.vac:
@@ -315,7 +306,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, gates=None, weig
     terms["total"] = total
     logged = {**terms, **gate_weights}
     values = torch.stack([v.detach().float().reshape(()) for v in logged.values()]).tolist()  # one device sync
-    return total, dict(zip(logged, values))
+    return total, dict(zip(logged, values, strict=True))
 
 
 def _require_gates(gates, modality: str):

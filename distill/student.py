@@ -2,14 +2,14 @@
 
 The wrapper runs open_clip's own modules (patch embedding, blocks, norms, projections) and only inserts prompt
 tokens between them, so with prompt depth 0 it computes exactly what `CLIP.encode_image` / `CLIP.encode_text`
-compute. Prompts (IVLP, as in PromptSRC):
+compute. Prompts (IVLP, as in PromptSRC), each tower with its own token count and depth (`PromptConfig`):
 
-* text: `ctx` [n_ctx, text_width] replaces the n_ctx token embeddings after SOT of the prompt template (initialised
-  from the embeddings of `ctx_init`, "a photo of a"); before text block i (1 <= i < depth) those positions are
-  overwritten by `text_deep[i-1]`.
-* vision: `visual_ctx` [n_ctx, width] is appended after the patch tokens, after the positional embedding and
-  before `ln_pre`; before vision block i (1 <= i < depth) the last n_ctx tokens are replaced by `visual_deep[i-1]`.
-  Blocks >= depth carry the prompt outputs forward.
+* text: `ctx` [n_ctx_text, text_width] replaces the n_ctx_text token embeddings after SOT of the prompt template
+  (initialised from the embeddings of `ctx_init`, "a photo of a"); before text block i (1 <= i < depth_text) those
+  positions are overwritten by `text_deep[i-1]`.
+* vision: `visual_ctx` [n_ctx_vision, width] is appended after the patch tokens, after the positional embedding
+  and before `ln_pre`; before vision block i (1 <= i < depth_vision) the last n_ctx_vision tokens are replaced by
+  `visual_deep[i-1]`. Blocks >= depth carry the prompt outputs forward.
 
 Prompts are fp32 master weights, cast to the compute dtype on use. Their random init (N(0, 0.02)) draws from the
 global torch RNG, so the caller's run seed decides it.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache_schema.student import StudentGrid
+from distill.config import PromptConfig
 
 PROMPT_STD = 0.02
 
@@ -81,42 +82,48 @@ def _put_ctx(x: torch.Tensor, ctx: torch.Tensor, start: int) -> torch.Tensor:
 class Student(nn.Module):
     """Frozen open_clip CLIP + IVLP prompts. Only the prompts are parameters that require grad."""
 
-    def __init__(self, clip: nn.Module, tokenizer, prompt_depth: int = 9, n_ctx: int = 4,
-                 ctx_init: str | None = "a photo of a", template: str = "a photo of a {}.",
+    def __init__(self, clip: nn.Module, tokenizer, prompts: PromptConfig | None = None,
                  classnames: Sequence[str] | None = None):
         super().__init__()
+        prompts = prompts or PromptConfig()
         _check_supported(clip)
         self.geometry = student_geometry(clip)
-        max_depth = min(self.geometry.layers, self.geometry.text_layers)
-        if not 0 <= prompt_depth <= max_depth:
-            raise ValueError(f"prompt_depth must be in [0, {max_depth}] for this student "
-                             f"({self.geometry.layers} vision / {self.geometry.text_layers} text blocks), "
-                             f"got {prompt_depth}")
-        if prompt_depth > 0 and n_ctx < 1:
-            raise ValueError(f"n_ctx must be >= 1 when prompts are used, got {n_ctx}")
-        if template.count("{}") != 1:
-            raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {template!r}")
+        for tower, depth, blocks, n_ctx in (("vision", prompts.depth_vision, self.geometry.layers,
+                                             prompts.n_ctx_vision),
+                                            ("text", prompts.depth_text, self.geometry.text_layers,
+                                             prompts.n_ctx_text)):
+            if not 0 <= depth <= blocks:
+                raise ValueError(f"prompt depth_{tower} must be in [0, {blocks}] for this student ({blocks} "
+                                 f"{tower} blocks), got {depth}")
+            if depth > 0 and n_ctx < 1:
+                raise ValueError(f"n_ctx_{tower} must be >= 1 when {tower} prompts are used, got {n_ctx}")
+        if prompts.template.count("{}") != 1:
+            raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {prompts.template!r}")
 
         self.clip = clip.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.prompt_depth = prompt_depth
-        self.n_ctx = n_ctx if prompt_depth > 0 else 0
-        self.template = template
+        self.depth_vision, self.depth_text = prompts.depth_vision, prompts.depth_text
+        self.n_ctx_vision = prompts.n_ctx_vision if self.depth_vision > 0 else 0
+        self.n_ctx_text = prompts.n_ctx_text if self.depth_text > 0 else 0
+        self.template = prompts.template
         self.classnames = list(classnames) if classnames is not None else None
         self._token_cache: tuple[tuple[str, ...], torch.Tensor] | None = None
 
+        # Created in this order whatever the depths, so the seeded init draws the same numbers as it always did.
         device = clip.token_embedding.weight.device
         text_width, width = self.geometry.text_width, self.geometry.width
         self.text_ctx = self.visual_ctx = None
         self.text_deep = nn.ParameterList()
         self.visual_deep = nn.ParameterList()
-        if prompt_depth == 0:
-            return
-        self._check_template_prefix()
-        self.text_ctx = nn.Parameter(self._ctx_init(ctx_init, device))
-        self.text_deep.extend(nn.Parameter(_normal(n_ctx, text_width, device)) for _ in range(prompt_depth - 1))
-        self.visual_ctx = nn.Parameter(_normal(n_ctx, width, device))
-        self.visual_deep.extend(nn.Parameter(_normal(n_ctx, width, device)) for _ in range(prompt_depth - 1))
+        if self.depth_text > 0:
+            self._check_template_prefix()
+            self.text_ctx = nn.Parameter(self._ctx_init(prompts.ctx_init, device))
+            self.text_deep.extend(nn.Parameter(_normal(self.n_ctx_text, text_width, device))
+                                  for _ in range(self.depth_text - 1))
+        if self.depth_vision > 0:
+            self.visual_ctx = nn.Parameter(_normal(self.n_ctx_vision, width, device))
+            self.visual_deep.extend(nn.Parameter(_normal(self.n_ctx_vision, width, device))
+                                    for _ in range(self.depth_vision - 1))
 
     # ----- construction helpers -----
 
@@ -131,17 +138,17 @@ class Student(nn.Module):
     def _check_template_prefix(self) -> None:
         prefix = self.template.split("{}")[0].strip()
         count = len(self._content_tokens(prefix)) if prefix else 0
-        if count < self.n_ctx:
+        if count < self.n_ctx_text:
             raise ValueError(f"template {self.template!r} has {count} tokens before the class name, fewer than "
-                             f"n_ctx={self.n_ctx}: the context would overwrite the class name")
+                             f"n_ctx_text={self.n_ctx_text}: the context would overwrite the class name")
 
     def _ctx_init(self, ctx_init: str | None, device) -> torch.Tensor:
         if not ctx_init:
-            return _normal(self.n_ctx, self.geometry.text_width, device)
+            return _normal(self.n_ctx_text, self.geometry.text_width, device)
         ids = self._content_tokens(ctx_init)
-        if len(ids) != self.n_ctx:
-            raise ValueError(f"ctx_init {ctx_init!r} is {len(ids)} tokens but n_ctx={self.n_ctx}; "
-                             "pass a phrase of n_ctx tokens or ctx_init=None for random init")
+        if len(ids) != self.n_ctx_text:
+            raise ValueError(f"ctx_init {ctx_init!r} is {len(ids)} tokens but n_ctx_text={self.n_ctx_text}; "
+                             "pass a phrase of n_ctx_text tokens or ctx_init=None for random init")
         with torch.no_grad():
             return self.clip.token_embedding(ids.to(device)).float().clone()
 
@@ -167,8 +174,9 @@ class Student(nn.Module):
         own = self.named_prompts()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"prompt checkpoint does not fit this student (prompt_depth={self.prompt_depth}, "
-                             f"n_ctx={self.n_ctx}): missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"prompt checkpoint does not fit this student (depth vision/text {self.depth_vision}/"
+                             f"{self.depth_text}, n_ctx vision/text {self.n_ctx_vision}/{self.n_ctx_text}): "
+                             f"missing {missing}, unexpected {unexpected}")
         for name, p in own.items():
             if tuple(state[name].shape) != tuple(p.shape):
                 raise ValueError(f"prompt {name!r}: checkpoint shape {tuple(state[name].shape)} != "
@@ -192,7 +200,7 @@ class Student(nn.Module):
         """Class text features [C, embed_dim] (not normalised, like open_clip's `encode_text`).
 
         Takes class names (filled into the template) or token ids [C, context_length]; with prompts, token
-        positions 1..n_ctx (after SOT) are replaced by the context. None = the class names given at build time.
+        positions 1..n_ctx_text (after SOT) are replaced by the context. None = the class names given at build time.
         """
         if classnames_or_tokens is None:
             if self.classnames is None:
@@ -208,11 +216,11 @@ class Student(nn.Module):
         clip = self.clip
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(tokens).to(cast_dtype)
-        if self.prompt_depth > 0:
+        if self.depth_text > 0:
             x = _put_ctx(x, self.text_ctx, 1)
         x = x + clip.positional_embedding.to(cast_dtype)
         for i, block in enumerate(clip.transformer.resblocks):
-            if 1 <= i < self.prompt_depth:
+            if 1 <= i < self.depth_text:
                 x = _put_ctx(x, self.text_deep[i - 1], 1)
             x = block(x, attn_mask=clip.attn_mask)
         x = clip.ln_final(x)
@@ -228,7 +236,7 @@ class Student(nn.Module):
         tokens: [L, B, T, width], the output of each vision block with the CLS and prompt tokens removed,
         L2-normalised per token (what the vision agents' caches hold).
         """
-        visual, n = self.clip.visual, self.n_ctx
+        visual, n = self.clip.visual, self.n_ctx_vision
         x = visual.conv1(pixels)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -236,13 +244,13 @@ class Student(nn.Module):
         x = x + visual.positional_embedding.to(x.dtype)
         x = visual.patch_dropout(x)
         num_patches = x.shape[1] - 1
-        if self.prompt_depth > 0:
+        if self.depth_vision > 0:
             x = _put_ctx(x, self.visual_ctx, x.shape[1])
         x = visual.ln_pre(x)
 
         tokens = []
         for i, block in enumerate(visual.transformer.resblocks):
-            if 1 <= i < self.prompt_depth:
+            if 1 <= i < self.depth_vision:
                 x = _put_ctx(x, self.visual_deep[i - 1], x.shape[1] - n)
             x = block(x)
             if return_tokens:
@@ -286,9 +294,8 @@ def _project(x: torch.Tensor, projection) -> torch.Tensor:
     return x @ projection
 
 
-def build_student(model_name: str = "ViT-B-16", pretrained: str | None = "openai", prompt_depth: int = 9,
-                  n_ctx: int = 4, ctx_init: str | None = "a photo of a", classnames: Sequence[str] | None = None,
-                  device: str | torch.device = "cpu", template: str = "a photo of a {}.",
+def build_student(model_name: str, pretrained: str | None, prompts: PromptConfig | None = None,
+                  classnames: Sequence[str] | None = None, device: str | torch.device = "cpu",
                   precision: str = "fp32") -> Student:
     """Create the open_clip model (pretrained tag or checkpoint path) and wrap it with prompts.
 
@@ -311,5 +318,4 @@ def build_student(model_name: str = "ViT-B-16", pretrained: str | None = "openai
         clip = open_clip.create_model(model_name, pretrained=pretrained, precision=precision, device=device,
                                       force_quick_gelu=bool(tag.get("quick_gelu", False)), require_pretrained=True)
     tokenizer = open_clip.get_tokenizer(model_name)
-    return Student(clip, tokenizer, prompt_depth=prompt_depth, n_ctx=n_ctx, ctx_init=ctx_init,
-                   template=template, classnames=classnames)
+    return Student(clip, tokenizer, prompts, classnames)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,61 +18,38 @@ import torch
 import torch.nn.functional as F
 
 from distill import checkpoints
+from distill.config import DistillConfig, OptimConfig
 from distill.data import CLIP_MEAN, CLIP_STD, TeacherBank, ViewImages, load_image, student_pixels
 from distill.gates import build_gates
-from distill.losses import LossWeights, distill_loss
+from distill.losses import distill_loss
 from distill.student import build_student
 from cache_schema import ViewSpec, view_params
 
 
-@dataclass
-class RunConfig:
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(DistillConfig):
+    """One stage-2 run as the trainer sees it: the method's settings and the data they train on."""
+
     dataset: str
     protocol: str
     shots: int
     seed: int
-    agents: list[str] = field(default_factory=list)
-    lambda_vac: float = 1.0
-    lambda_lac: float = 25.0
-    lambda_rel: float = 1.0
-    lambda_mac: float = 1.0
-    temperature: float = 1.0
-    mac_student: str = "standardized"  # L_MAC's student scores: standardised logits, or the raw "logits"
-    router: str = "mlp"
-    views: int | None = None          # cached views to draw from (None = all cached; 1 = view 0 only)
-    layers: list[int] | None = None   # agent layers distilled by L_VAC, as extract numbers them (None = all stored)
-    epochs: int = 20
-    prompt_depth: int = 9
-    n_ctx: int = 4
-    ctx_init: str = "a photo of a"
-    template: str = "a photo of a {}."
-    lr: float = 0.0025
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    student_model: str = "ViT-B-16"
-    student_pretrained: str | None = "openai"
-    precision: str = "auto"           # auto = bf16 autocast on GPU, fp32 on CPU
+    agents: tuple[str, ...] = ()
+    views: int | None = None                 # cached views to draw from (None = all cached; 1 = view 0 only)
+    layers: tuple[int, ...] | None = None    # agent layers distilled by L_VAC, as extract numbers them (None = all)
     device: str = "cpu"
     workers: int = 0
-    eval_batch_size: int = 100
-
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(vac=self.lambda_vac, lac=self.lambda_lac, rel=self.lambda_rel, mac=self.lambda_mac,
-                           temperature=self.temperature, mac_student=self.mac_student)
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def learning_rate(config: RunConfig, epoch: int) -> float:
+def learning_rate(optim: OptimConfig, epoch: int) -> float:
     """Constant warm-up, then cosine over `epochs` (Dassl's schedule: it never quite reaches zero)."""
-    if epoch < config.warmup_epochs:
-        return config.warmup_lr
-    return config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs)) / 2
+    if epoch < optim.warmup_epochs:
+        return optim.warmup_lr
+    return optim.lr * (1 + math.cos(math.pi * (epoch - optim.warmup_epochs) / optim.epochs)) / 2
 
 
 def epoch_items(keys, labels, views: int, seed: int, epoch: int) -> list[tuple[str, int, int]]:
@@ -90,22 +67,22 @@ class Trainer:
         self.image_root, self.bank, self.run_dir, self.progress = Path(image_root), bank, Path(run_dir), progress
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
-        self.student = build_student(config.student_model, config.student_pretrained, config.prompt_depth,
-                                     config.n_ctx, config.ctx_init, classnames, self.device, config.template)
+        self.student = build_student(config.student.model, config.student.pretrained, config.prompts, classnames,
+                                     self.device)
         geometry = self.student.geometry
         self.gates = build_gates(
-            config.router, vision_agents=list(bank.vision), vision_dim=geometry.width,
+            config.gates.router, vision_agents=list(bank.vision), vision_dim=geometry.width,
             student_layers=geometry.layers, language_agents=list(bank.language),
             language_dim=geometry.embed_dim, multimodal_agents=list(bank.multimodal),
-            num_classes=len(classnames)).to(self.device)
+            num_classes=len(classnames), hidden=config.gates.hidden).to(self.device)
         self.layer_pairs = bank.layer_pairs(geometry.layers, config.layers)
         self.parameters = [*self.student.trainable_parameters(), *self.gates.parameters()]
-        if not self.parameters and config.epochs > 0:
+        if not self.parameters and config.optim.epochs > 0:
             raise ValueError("nothing to train: prompt depth 0 and no agents; zero-shot CLIP is --prompt-depth 0 "
                              "--epochs 0")
         self.optimizer = torch.optim.SGD(self.parameters or [torch.zeros(1, requires_grad=True)],
-                                         lr=learning_rate(config, 0), momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+                                         lr=learning_rate(config.optim, 0), momentum=config.optim.momentum,
+                                         weight_decay=config.optim.weight_decay)
         # Views drawn per image: as asked, else all that are cached, else the extract default (4) - view
         # parameters need no cache, so a run without vision agents sees the same augmentation distribution.
         self.views = config.views or bank.available_views() or 4
@@ -120,7 +97,7 @@ class Trainer:
     def state(self) -> dict:
         return {"epoch": self.epoch, "prompts": self.student.prompt_state_dict(), "gates": self.gates.state_dict(),
                 "gates_built_for": self.gates.describe(), "optimizer": self.optimizer.state_dict(),
-                "schedule": {"epoch": self.epoch, "lr": learning_rate(self.config, self.epoch)},
+                "schedule": {"epoch": self.epoch, "lr": learning_rate(self.config.optim, self.epoch)},
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "config": asdict(self.config)}
@@ -164,21 +141,22 @@ class Trainer:
         from tqdm import tqdm
 
         metrics_path = metrics_path or self.run_dir / "metrics.jsonl"
-        while self.epoch < self.config.epochs:
+        while self.epoch < self.config.optim.epochs:
             if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
                 return
-            lr = learning_rate(self.config, self.epoch)
+            lr = learning_rate(self.config.optim, self.epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             items = epoch_items(self.keys, self.labels, self.views, self.config.seed, self.epoch)
             loader = torch.utils.data.DataLoader(
                 ViewImages(self.image_root, items, self.student.geometry.image_size, self.view_spec, self.mean,
                            self.std),
-                batch_size=self.config.batch_size, shuffle=False, drop_last=len(items) >= self.config.batch_size,
+                batch_size=self.config.optim.batch_size, shuffle=False,
+                drop_last=len(items) >= self.config.optim.batch_size,
                 num_workers=self.config.workers)
             self.student.train()
             self.gates.train()
-            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.progress,
+            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.optim.epochs}", disable=not self.progress,
                        leave=False)
             records = []
             for step, (pixels, batch_labels, indices) in enumerate(bar):
@@ -205,7 +183,7 @@ class Trainer:
             logits = self.student.logits(image_features, text_features)
             if tokens is not None:
                 tokens = match_grid(tokens, next(iter(inputs["vision_tokens"].values())).shape[2])
-            total, logged = distill_loss(logits, labels, gates=self.gates, weights=self.config.loss_weights(),
+            total, logged = distill_loss(logits, labels, gates=self.gates, weights=self.config.loss,
                                          student_tokens=tokens, text_features=text_features,
                                          vision_pairs=[(p.student, p.stored) for p in self.layer_pairs], **inputs)
         bad = [name for name, value in logged.items() if not math.isfinite(value)]

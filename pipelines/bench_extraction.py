@@ -40,9 +40,10 @@ from PIL import Image
 from transformers import ViTConfig, ViTModel
 
 from cache_schema import AgentCache
+from cache_schema.student import StudentGrid
 from cache_schema.views import apply_view, load_rgb, view_params
 from extract.agents import get_agent
-from extract.agents.base import LoadRequest, Source, StudentInfo
+from extract.agents.base import LoadRequest, Source
 from extract.agents.dino import DinoRuntime
 from extract.families import ExtractContext
 from extract.families import vision
@@ -70,8 +71,8 @@ class Shapes:
                          intermediate_size=self.mlp, image_size=self.image_size, patch_size=self.patch_size,
                          qkv_bias=True, layer_norm_eps=1e-6)
 
-    def student(self) -> StudentInfo:
-        return StudentInfo("ViT-B-16", None, self.image_size, self.patch_size, self.width, self.layers)
+    def student(self) -> StudentGrid:
+        return StudentGrid("ViT-B-16", None, self.image_size, self.patch_size, self.width, self.layers)
 
 
 VIT_B16 = Shapes(224, 16, 768, 12, 12, 3072, (320, 240))

@@ -1,12 +1,25 @@
-"""Turn (dataset, protocol, shots, seeds, preset, agents) into stage-1 jobs: one ExtractContext per agent and class set."""
+"""Turn (dataset, protocol, shots, seeds, preset, agents) into stage-1 jobs: one ExtractContext per agent and class
+set; what they will write, and the limit it must stay under."""
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
+from cache_schema.views import ViewSpec
+from extract.agents import registry
+from extract.agents.base import LoadRequest, Source
+from extract.families import ExtractContext
+from extract.runner import AgentJob, is_complete, local_weights, planned_path
+from pipelines.config.extract import ExtractOptions
+from pipelines.datasets import dataset_slug, load_dataset
+from pipelines.devices import compute_dtype
 from pipelines.presets import resolve_agents, student_spec
 from pipelines.protocols import training_set
+from pipelines.texts import check_settings, plan_texts
+
+log = logging.getLogger(__name__)
 
 VISION_ROW_EXTRAS = 4 * 5     # views row (int32 x 5)
 T2I_MAX_RESOLUTIONS = 3       # SD v1.4 at 512 px: 16², 32², 64² latent grids; PixArt has one
@@ -15,50 +28,21 @@ LANGUAGE_MAX_DIM = 4096       # class_features: CLIP text 512, MiniLM 384; room 
 WEIGHTS_MEMO = ".weights-sha256.json"   # under the cache root: digests of local weight files by (path, size, mtime)
 
 
-@dataclass
-class ExtractOptions:
-    dataset: str = "eurosat"
-    dataset_name: str | None = None    # --dataset-name: directory name of a folder dataset (default: its slug)
-    data_root: Path = Path("data")
-    cache_root: Path = Path("cache")
-    preset: str = "paper"
-    agents: str = "all"
-    protocols: tuple[str, ...] = ("base2novel",)
-    shots: tuple[int, ...] = (16,)
-    seeds: tuple[int, ...] = (1,)
-    views: int = 4
-    view_seed: int = 0
-    layers: tuple[int, ...] | None = None
-    token_pool: int = 1
-    dtype: str = "float16"
-    batch_size: int = 16
-    device: str = "cpu"
-    backend: str = "zarr"
-    agent_paths: dict[str, str] = field(default_factory=dict)
-    agent_options: dict[str, dict] = field(default_factory=dict)    # {agent: {"descriptions": FILE}}
-    agent_settings: dict[str, dict] = field(default_factory=dict)   # --agent-option AGENT:KEY=VALUE (pipelines.texts)
-
-
-def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None, skipped: dict | None = None) -> list:
+def build_jobs(options: ExtractOptions, dataset=None, skipped: dict | None = None) -> list:
     """Jobs in a stable order: per agent, one job per class set it needs (t2i scores depend on the class set); sd
-    after vicuna, whose descriptions it may read. `echo` gets one line per agent skipped or text choice made;
+    after vicuna, whose descriptions it may read. One line is logged per agent skipped or text choice made;
     `skipped`, when given, collects the agents left out (name -> why) instead."""
-    from cache_schema.views import ViewSpec
-    from extract.agents import registry
-    from extract.agents.base import LoadRequest
-    from extract.families import ExtractContext
-    from extract.runner import AgentJob
-    from pipelines.datasets import dataset_slug, load_dataset
-    from pipelines.texts import check_settings, plan_texts
-
     # Images are checked later, and only those the jobs need (`--on-error` decides what a bad one does).
     dataset = dataset or load_dataset(options.dataset, options.data_root, verify=False)
     slug = dataset_slug(options.dataset, options.dataset_name)
     agents = registry()
     check_agent_options(options, agents)
-    files = {name: given["descriptions"] for name, given in options.agent_options.items() if "descriptions" in given}
+    files = dict(options.descriptions)
     check_settings(options.agent_settings, tuple(agents), files)
     student = student_spec(options.preset)
+    # Planning needs no torch, so `auto` plans on the CPU; `extract_dataset` moves the jobs it runs to the device
+    # it resolved and checked.
+    device = "cpu" if options.device == "auto" else options.device
     keys_by_class_set: dict[str, set[str]] = {}
     for protocol in options.protocols:
         for shots in options.shots:
@@ -76,26 +60,25 @@ def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None, sk
         plan = plan_texts(dataset, name, files, options.agent_settings)
         if plan.skip:
             if skipped is None:
-                echo(plan.skip)
+                log.info("%s", plan.skip)
             else:
                 skipped[name] = plan.skip.removeprefix(f"{name}: ").removeprefix("skipped, ")
             continue
         if plan.note:
-            echo(plan.note)
+            log.info("%s", plan.note)
         if plan.from_vicuna_cache:
-            plan.options = _vicuna_cache_conditioning(options, dataset, plan, jobs, echo)
-        agent_options = {**plan.options, **{key: value for key, value in options.agent_options.get(name, {}).items()
-                                            if key != "descriptions"}}
+            plan.options = _vicuna_cache_conditioning(options, dataset, plan, jobs)
+        agent_options = dict(plan.options)
         base_ctx = ExtractContext(
             dataset=slug, split_hash=dataset.split_hash, dataset_fields=dataset.fingerprint_fields(slug),
             image_root=dataset.image_root, keys=all_keys,
             classnames=list(dataset.classnames), template=plan.template, student=student, class_set="all",
             views=options.views, view_spec=ViewSpec(seed=options.view_seed), layers=options.layers,
-            token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=options.device,
+            token_pool=options.token_pool, dtype=options.dtype, batch_size=options.batch_size, device=device,
             options=agent_options)
         source, weights = agent_weights(spec, options)
-        request = LoadRequest(tiny=options.preset == "tiny", student=student, device=options.device,
-                              dtype="float16" if options.device.startswith("cuda") else "float32", source=source,
+        request = LoadRequest(tiny=options.preset == "tiny", student=student, device=device,
+                              dtype=compute_dtype(device), source=source,
                               options=agent_options)
         if spec.family == "t2i":  # one cache per class set, each over the images that class set trains on
             for class_set, keys in sorted(keys_by_class_set.items()):
@@ -107,17 +90,15 @@ def build_jobs(options: ExtractOptions, dataset=None, echo=lambda line: None, sk
     return jobs
 
 
-def _vicuna_cache_conditioning(options: ExtractOptions, dataset, plan, jobs: list, echo) -> dict:
+def _vicuna_cache_conditioning(options: ExtractOptions, dataset, plan, jobs: list) -> dict:
     """sd on the descriptions vicuna generates: they will be in vicuna's cache, whose fingerprint sd's chains. If
     vicuna is neither extracted in this run nor complete in the cache, sd conditions on the template."""
-    from extract.runner import is_complete, planned_path
-
     vicuna = next((job for job in jobs if job.spec.name == "vicuna"), None)
     if vicuna is None:
         vicuna = build_jobs(replace(options, agents="vicuna"), dataset)[0]
         if not is_complete(vicuna, options.cache_root):
-            echo(f"sd: no vicuna descriptions (vicuna generates them and is neither extracted here nor in the "
-                 f"cache); conditioning on the template {plan.template!r}")
+            log.info("sd: no vicuna descriptions (vicuna generates them and is neither extracted here nor in the "
+                     "cache); conditioning on the template %r", plan.template)
             return {"conditioning": "template"}
     path = planned_path(vicuna, options.cache_root)
     return {**plan.options, "vicuna_cache": path.name, "descriptions": str(path / "files" / "descriptions.json")}
@@ -127,9 +108,6 @@ def agent_weights(spec, options: ExtractOptions) -> tuple:
     """(source, identity) of an agent's real weights: a --agent-path directory (identified by its files' sha256),
     or a published checkpoint converted under the weights root (identified by the checkpoint's sha256, known from
     its pin without a download); (None, None) for hub agents and the tiny preset."""
-    from extract.agents.base import Source
-    from extract.runner import local_weights
-
     if spec.name in options.agent_paths:
         source = Source(local_path=str(options.agent_paths[spec.name]))
         return source, local_weights(source.local_path, Path(options.cache_root) / WEIGHTS_MEMO)
@@ -157,7 +135,7 @@ def skipped_agents(options: ExtractOptions, agents) -> dict[str, str]:
 
 def check_agent_options(options: ExtractOptions, agents) -> None:
     """Per-agent flags must name known agents, and local weights must exist (checked before anything loads)."""
-    for flag, given in (("--agent-path", options.agent_paths), ("--descriptions", options.agent_options)):
+    for flag, given in (("--agent-path", options.agent_paths), ("--descriptions", options.descriptions)):
         unknown = sorted(set(given) - set(agents))
         if unknown:
             raise ValueError(f"{flag} {', '.join(unknown)}: unknown agent(s); known agents: {', '.join(agents)}")
@@ -205,3 +183,17 @@ def format_bytes(size: float) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+class SizeLimitError(ValueError):
+    """The caches would exceed --max-bytes; the message says how to shrink them."""
+
+
+def check_size(sizes: dict[str, int], max_bytes: float) -> None:
+    """The whole extraction must stay under the limit, checked from shapes before anything is written."""
+    total = sum(sizes.values())
+    if total > max_bytes:
+        raise SizeLimitError(
+            f"the estimate {format_bytes(total)} exceeds --max-bytes {format_bytes(max_bytes)}; shrink it with "
+            "--views (fewer views), --layers (e.g. 3,7,11), --token-pool 2 (7x7 grid), --dtype int8 (per-token "
+            "scale), or raise --max-bytes")

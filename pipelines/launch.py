@@ -1,35 +1,37 @@
 """Stage 1 and stage 2 on a cluster scheduler, through submitit (SLURM; its local executor needs no scheduler).
 
-A task is one `transagent` command line: a sweep cell's `distill`, or the `extract` of one (dataset, agent). A
-submission of several is one job array. On the compute node `run_task` runs the command in the job's own process,
-with HF_HUB_OFFLINE=1: downloads, dataset preparation and the checks happen on the submitting node, before anything
-is submitted. Jobs return nothing that is read here: submitit pickles a job's result on the node, and this module
-never unpickles one. Whether a task finished is read from what it writes — final.json, the caches' manifests — and
-a task whose job ended without finishing is submitted again (`--retries N`); it resumes (distill with --resume, an
-extraction from its journals).
+A task is one `transagent` command line (`pipelines.submit` makes them: a sweep cell's `distill --config`, or
+the `extract` of one (dataset, agent)). A submission of several is one job array. On the compute node `run_task`
+runs the command in the job's own process, with HF_HUB_OFFLINE=1: downloads, dataset preparation and the checks
+happen on the submitting node, before anything is submitted. Jobs return nothing that is read here: submitit
+pickles a job's result on the node, and this module never unpickles one. Whether a task finished is read from
+what it writes — final.json, the caches' manifests — and a task whose job ended without finishing is submitted
+again (`--retries N`); it resumes (distill with --resume, an extraction from its journals).
 
-Ordering: an SD task waits for the vicuna task of its dataset (SD is conditioned on the Vicuna descriptions, read
-from the vicuna cache). While waiting, the launcher submits the waiting task once its prerequisites finished; with
---no-wait on SLURM it is submitted at once with an `afterok` dependency.
+Ordering: a task may wait for others of its submission (`Task.after`). While waiting, the launcher submits the
+waiting task once its prerequisites finished; with --no-wait on SLURM it is submitted at once with an `afterok`
+dependency.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
 import re
 import shlex
-import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import click
+
+from pipelines.cli import main
+
+log = logging.getLogger(__name__)
 LAUNCHERS = ("local", "submitit")
 CLUSTERS = ("auto", "slurm", "local")
-JOB_RECORD = "job.json"               # in a sweep cell's run directory: its job ids, attempts, status
-ORDERED_AFTER = {"sd": ("vicuna",)}   # extract: agent -> agents of the same dataset it waits for
 TERMINAL = ("done", "exists", "failed", "not run")
 
 
@@ -96,7 +98,7 @@ def parse_time(value) -> int:
 
 def make_executor(options: LaunchOptions, folder, name: str):
     """A submitit executor: SLURM or the local one, with the resources of one task (one job per task)."""
-    import submitit
+    import submitit   # not for the commands that only name the launcher's flags
 
     cluster = None if options.cluster == "auto" else options.cluster
     try:
@@ -142,12 +144,8 @@ class TaskState:
 
 def run_task(argv: list[str]) -> None:
     """The job's body on the compute node: one `transagent` command, offline. Returns nothing on purpose."""
-    import click
-
     os.environ["HF_HUB_OFFLINE"] = "1"
     print(f"transagent {shlex.join(argv)}\n  pid {os.getpid()} on {socket.gethostname()}", flush=True)
-    from pipelines.cli import main
-
     try:
         main.main(args=list(argv), prog_name="transagent", standalone_mode=False)
     except click.ClickException as error:
@@ -155,7 +153,7 @@ def run_task(argv: list[str]) -> None:
         raise RuntimeError(error.format_message()) from None
 
 
-def launch(tasks: list[Task], executor, options: LaunchOptions, echo=print, function=run_task) -> list[TaskState]:
+def launch(tasks: list[Task], executor, options: LaunchOptions, function=run_task) -> list[TaskState]:
     """Submit the tasks that are not finished yet (one job array per round), then, unless options.wait is off,
     follow them to the end: re-submit a task whose job ended without finishing (at most options.retries times),
     submit a waiting task when its prerequisites finished, print a status line whenever the counts change."""
@@ -170,18 +168,18 @@ def launch(tasks: list[Task], executor, options: LaunchOptions, echo=print, func
                           "without SLURM dependencies that needs the launcher to wait: drop --no-wait, or submit "
                           "them in a second command once the first finished")
     if options.retries and not options.wait:
-        echo("note: --retries needs the launcher to wait; with --no-wait a failed task stays failed")
+        log.warning("note: --retries needs the launcher to wait; with --no-wait a failed task stays failed")
     try:
-        _submit([s for s in states.values() if _ready(s, states)], executor, echo, function)
+        _submit([s for s in states.values() if _ready(s, states)], executor, function)
         if not options.wait:
             if blocked:
-                _submit_with_dependencies(blocked, states, executor, options, echo, function)
+                _submit_with_dependencies(blocked, states, executor, options, function)
             return list(states.values())
-        _follow(states, executor, options, echo, function)
+        _follow(states, executor, options, function)
     except KeyboardInterrupt:
         running = [s for s in states.values() if s.status == "submitted"]
-        echo(f"stopped waiting for {len(running)} job(s) (on SLURM they keep running; scancel stops them): "
-             + ", ".join(f"{s.task.name} ({s.job_ids[-1]})" for s in running))
+        log.warning("stopped waiting for %d job(s) (on SLURM they keep running; scancel stops them): %s",
+                    len(running), ", ".join(f"{s.task.name} ({s.job_ids[-1]})" for s in running))
         raise
     return list(states.values())
 
@@ -194,7 +192,7 @@ def _ready(state: TaskState, states: dict) -> bool:
     return state.status == "waiting" and all(p.status in ("done", "exists") for p in _prerequisites(state, states))
 
 
-def _submit(ready: list[TaskState], executor, echo, function, retry: bool = False) -> None:
+def _submit(ready: list[TaskState], executor, function, retry: bool = False) -> None:
     if not ready:
         return
     argvs = [(s.task.retry_argv or s.task.argv) if retry else s.task.argv for s in ready]
@@ -204,62 +202,63 @@ def _submit(ready: list[TaskState], executor, echo, function, retry: bool = Fals
     except Exception as error:  # noqa: BLE001 - sbatch, the file system, pickling: all end the submission
         raise LaunchError(f"submission of {', '.join(s.task.name for s in ready)} failed: "
                           f"{type(error).__name__}: {error}") from None
-    for state, job in zip(ready, jobs):
+    for state, job in zip(ready, jobs, strict=True):
         state.jobs.append(job)
         state.status = "submitted"
         attempt = f" (attempt {len(state.jobs)})" if len(state.jobs) > 1 else ""
-        echo(f"submitted {state.task.name}: job {job.job_id}{attempt}, log {state.log}")
+        log.info("submitted %s: job %s%s, log %s", state.task.name, job.job_id, attempt, state.log)
         _write_record(state, executor)
 
 
-def _submit_with_dependencies(waiting, states, executor, options: LaunchOptions, echo, function) -> None:
+def _submit_with_dependencies(waiting, states, executor, options: LaunchOptions, function) -> None:
     """--no-wait on SLURM: a waiting task goes in now, held by the scheduler until its prerequisites succeeded."""
     for state in waiting:
         ids = [job_id for p in _prerequisites(state, states) for job_id in p.job_ids[-1:]]
         executor.update_parameters(slurm_additional_parameters={**options.sbatch,
                                                                 "dependency": "afterok:" + ":".join(ids)})
         try:
-            _submit([state], executor, echo, function)
+            _submit([state], executor, function)
         finally:
             executor.update_parameters(slurm_additional_parameters=dict(options.sbatch))
 
 
-def _follow(states: dict, executor, options: LaunchOptions, echo, function) -> None:
+def _follow(states: dict, executor, options: LaunchOptions, function) -> None:
     last_line = ""
     while True:
         for state in states.values():
             if state.status == "submitted" and state.jobs[-1].done():
-                _settle(state, executor, options, echo, function)
+                _settle(state, executor, options, function)
             elif state.status == "waiting" and any(p.status in ("failed", "not run")
                                                    for p in _prerequisites(state, states)):
                 state.status, state.note = "not run", "a task it waits for failed"
-                echo(f"not run   {state.task.name}: {state.note}")
+                log.info("not run   %s: %s", state.task.name, state.note)
                 _write_record(state, executor)
-        _submit([s for s in states.values() if _ready(s, states)], executor, echo, function)
+        _submit([s for s in states.values() if _ready(s, states)], executor, function)
         line = status_line(states.values())
         if line != last_line:
-            echo(f"{time.strftime('%H:%M:%S')}  {line}")
+            log.info("%s  %s", time.strftime("%H:%M:%S"), line)
             last_line = line
         if all(state.status in TERMINAL for state in states.values()):
             return
         time.sleep(options.poll_seconds)
 
 
-def _settle(state: TaskState, executor, options: LaunchOptions, echo, function) -> None:
+def _settle(state: TaskState, executor, options: LaunchOptions, function) -> None:
     """A job of the task ended: finished, retried, or failed (what it wrote decides, not what it returned)."""
     job = state.jobs[-1]
     if state.task.finished():
         state.status = "done"
-        echo(f"done      {state.task.name} (job {job.job_id})")
+        log.info("done      %s (job %s)", state.task.name, job.job_id)
     elif len(state.jobs) <= options.retries:
-        echo(f"retrying  {state.task.name}: job {job.job_id} ended ({job.state}) without finishing; log {state.log}")
-        _submit([state], executor, echo, function, retry=True)
+        log.info("retrying  %s: job %s ended (%s) without finishing; log %s", state.task.name, job.job_id, job.state,
+                 state.log)
+        _submit([state], executor, function, retry=True)
         return
     else:
         state.status = "failed"
         state.note = f"job {job.job_id} ended ({job.state}) without finishing"
-        echo(f"FAILED    {state.task.name}: {state.note}"
-             + (f" after {len(state.jobs)} attempts" if len(state.jobs) > 1 else "") + f"; log {state.log}")
+        log.info("FAILED    %s: %s%s; log %s", state.task.name, state.note,
+                 f" after {len(state.jobs)} attempts" if len(state.jobs) > 1 else "", state.log)
     _write_record(state, executor)
 
 
@@ -292,156 +291,10 @@ def _write_record(state: TaskState, executor) -> None:
     os.replace(temporary, path)
 
 
-def print_summary(states: list[TaskState], echo=print) -> None:
+def summary(states: list[TaskState]) -> str:
+    """One row per task: its status and job ids."""
     width = max((len(s.task.name) for s in states), default=4)
-    echo(f"{'TASK':<{width}}  STATUS    JOBS")
-    for state in states:
-        echo(f"{state.task.name:<{width}}  {state.status:<8}  {','.join(state.job_ids) or '-'}"
-             + (f"  ({state.note})" if state.note else ""))
-
-
-# ----------------------------------------------------------------------------------------------- stage 2
-def sweep_tasks(cells) -> list[Task]:
-    """One task per cell: the `distill` command of the cell (absolute paths), resumed on retry; its job record
-    lives in the run directory, where `transagent runs ls` finds it."""
-    from pipelines.distillation import run_directory
-    from pipelines.sweep import cell_name, distill_command
-
-    tasks = []
-    for options in cells:
-        options = dataclasses.replace(options, data_root=Path(options.data_root).absolute(),
-                                      cache_root=Path(options.cache_root).absolute(),
-                                      runs_root=Path(options.runs_root).absolute(), force=False)
-        argv = distill_command(options)[3:]            # after `python -m pipelines`
-        directory = run_directory(options)
-        tasks.append(Task(cell_name(options), argv, finished=(directory / "final.json").exists,
-                          retry_argv=argv if "--resume" in argv else argv + ["--resume"],
-                          record=directory / JOB_RECORD))
-    return tasks
-
-
-def prepare_cells(cells) -> None:
-    """On the submitting node, what every cell's distill would do first: prepare and check each dataset (a
-    synthetic one is generated) and draw the few-shot selections, so that tasks never race to write them."""
-    from pipelines.datasets import load_dataset
-    from pipelines.protocols import training_set
-
-    datasets = {}
-    for options in cells:
-        key = (options.dataset, str(Path(options.data_root).absolute()))
-        if key not in datasets:
-            datasets[key] = load_dataset(options.dataset, options.data_root)
-        training_set(datasets[key], options.protocol, options.shots, options.seed, options.data_root)
-
-
-def clear_forced(cells) -> None:
-    """--force, done here as distill would do it, so that no task (and no retry) ever deletes a run directory."""
-    from pipelines.distillation import run_directory
-
-    for cell in cells:
-        if cell.force and run_directory(cell).exists():
-            shutil.rmtree(run_directory(cell))
-
-
-def submit_sweep(cells, options: LaunchOptions, job_dir, echo=print, function=run_task) -> list[TaskState]:
-    """The sweep through submitit: cells with --force are cleared here (their tasks then never delete anything),
-    datasets are prepared here, then one job array."""
-    prepare_cells(cells)
-    clear_forced(cells)
-    executor = make_executor(options, job_dir, "transagent-sweep")
-    return launch(sweep_tasks(cells), executor, options, echo, function)
-
-
-# ----------------------------------------------------------------------------------------------- stage 1
-def extract_argv(params: dict, dataset: str, agent: str) -> list[str]:
-    """The `extract` command line of one (dataset, agent), from the extract command's parameters."""
-    p = params
-
-    def absolute(path) -> str:
-        return str(Path(path).absolute())
-
-    argv = ["extract", "--dataset", dataset, "--agents", agent, "--data-root", absolute(p["data_root"]),
-            "--cache-root", absolute(p["cache_root"]), "--preset", p["preset"], "--protocol", p["protocol"],
-            "--shots", ",".join(str(k) for k in p["shots"]), "--seeds", ",".join(str(s) for s in p["seeds"]),
-            "--split", p["split"], "--views", str(p["views"]), "--view-seed", str(p["view_seed"]),
-            "--layers", "all" if p["layers"] is None else ",".join(str(layer) for layer in p["layers"]),
-            "--token-pool", str(p["token_pool"]), "--dtype", p["dtype"], "--max-bytes", repr(float(p["max_bytes"])),
-            "--batch-size", str(p["batch_size"]), "--device", p["device"], "--backend", p["backend"],
-            "--on-error", p["on_error"]]
-    if p.get("dataset_name"):
-        argv += ["--dataset-name", p["dataset_name"]]
-    if agent in p["agent_paths"]:
-        argv += ["--agent-path", f"{agent}={absolute(p['agent_paths'][agent])}"]
-    if agent in p["descriptions"]:
-        argv += ["--descriptions", f"{agent}={absolute(p['descriptions'][agent])}"]
-    for key, value in sorted(p.get("agent_settings", {}).get(agent, {}).items()):
-        argv += ["--agent-option", f"{agent}:{key}={_setting_text(value)}"]
-    if p.get("log_path"):
-        argv += ["--log", absolute(p["log_path"])]
-    if p.get("strict"):
-        argv.append("--strict")
-    if p.get("wait"):
-        argv += ["--wait", repr(float(p["wait"]))]
-    return argv
-
-
-def _setting_text(value) -> str:
-    """An --agent-option VALUE that parses back to `value` (a string stays bare unless it would read as JSON)."""
-    if isinstance(value, str):
-        try:
-            json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return json.dumps(value)
-
-
-def _with_wait(argv: list[str], seconds: float) -> list[str]:
-    """argv with `--wait` at least `seconds`."""
-    if "--wait" not in argv:
-        return argv + ["--wait", repr(float(seconds))]
-    at = argv.index("--wait") + 1
-    return argv[:at] + [repr(max(float(argv[at]), float(seconds)))] + argv[at + 1:]
-
-
-def extraction_tasks(plans: dict[str, list], params: dict) -> list[Task]:
-    """One task per (dataset, agent) with incomplete caches; `plans` maps each dataset to its jobs left to do
-    (what `extract --dry-run` planned). A task is finished when every cache of its agent holds its rows."""
-    from extract.runner import is_complete
-
-    from cache_schema.lock import HEARTBEAT, STALE_AFTER
-    from pipelines.datasets import dataset_slug
-
-    cache_root = params["cache_root"]
-    tasks = []
-    for dataset, jobs in plans.items():
-        slug = dataset_slug(dataset, params.get("dataset_name"))
-        by_agent: dict[str, list] = {}
-        for job in jobs:
-            by_agent.setdefault(job.spec.name, []).append(job)
-        for agent, agent_jobs in by_agent.items():
-            after = tuple(f"{slug}/{other}" for other in ORDERED_AFTER.get(agent, ()) if other in by_agent)
-            argv = extract_argv(params, dataset, agent)
-            # a killed task's writer lease goes stale by its heartbeat: its retry waits for that, not refused
-            tasks.append(Task(f"{slug}/{agent}", argv,
-                              finished=lambda agent_jobs=agent_jobs: all(is_complete(job, cache_root)
-                                                                         for job in agent_jobs),
-                              retry_argv=_with_wait(argv, STALE_AFTER + HEARTBEAT), after=after))
-    return tasks
-
-
-def submit_extraction(plans: dict[str, list], params: dict, options: LaunchOptions, job_dir, echo=print,
-                      function=run_task) -> list[TaskState]:
-    """The extraction through submitit: one job per (dataset, agent), all writing to the same cache root. The
-    datasets' extraction logs get a line per submitted job."""
-    from extract.runner import log
-
-    tasks = extraction_tasks(plans, params)
-    executor = make_executor(options, job_dir, "transagent-extract")
-    states = launch(tasks, executor, options, echo, function)
-    for state in states:
-        if state.jobs:
-            slug, agent = state.task.name.rsplit("/", 1)
-            log_path = params.get("log_path") or Path(params["cache_root"]) / slug / "extract.jsonl"
-            log(log_path, {"event": "submitit", "agent": agent, "status": state.status, "job_ids": state.job_ids,
-                           "log": str(state.log), "note": state.note}, 0)
-    return states
+    lines = [f"{'TASK':<{width}}  STATUS    JOBS"]
+    lines += [f"{state.task.name:<{width}}  {state.status:<8}  {','.join(state.job_ids) or '-'}"
+              + (f"  ({state.note})" if state.note else "") for state in states]
+    return "\n".join(lines)

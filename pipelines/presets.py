@@ -6,12 +6,14 @@ agents themselves are registry entries in `extract.agents`; this file only says 
 from pathlib import Path
 
 from cache_schema.student import StudentGrid
+from distill.config import StudentConfig
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
+_PAPER = StudentConfig()   # stage 2's default student is the paper's
 PRESETS = {
-    "paper": StudentGrid("ViT-B-16", "openai", image_size=224, patch_size=16, width=768, layers=12),
+    "paper": StudentGrid(_PAPER.model, _PAPER.pretrained, image_size=224, patch_size=16, width=768, layers=12),
     "tiny": StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3),
 }
 
@@ -21,6 +23,19 @@ def student_spec(preset: str) -> StudentGrid:
         return PRESETS[preset]
     except KeyError:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}") from None
+
+
+def student_blocks(model: str) -> int:
+    """The vision blocks of an open_clip architecture: a preset's student's are known without loading open_clip."""
+    for spec in PRESETS.values():
+        if spec.model == model:
+            return spec.layers
+    import open_clip
+
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise ValueError(f"student.model {model!r} is not an open_clip architecture (open_clip.list_models())")
+    return config["vision_cfg"]["layers"]
 
 
 def register_model_configs() -> None:

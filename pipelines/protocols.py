@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOLS = ("base2novel", "fewshot", "cross", "dg")
-EPOCHS = {"base2novel": 20, "fewshot": 50, "cross": 20, "dg": 20}
-PROMPT_DEPTH = {"base2novel": 9, "fewshot": 9, "cross": 3, "dg": 3}
+PROTOCOLS = ("base2novel", "fewshot", "cross", "dg")   # each one's settings: pipelines/configs/<protocol>.yaml
+ALIASES = {"base2new": "base2novel"}                   # the CoOp family's name
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,13 @@ def _epochs_trained(path: Path) -> int:
     return epochs
 
 
+def configured_epochs(run: dict) -> int | None:
+    """The epochs of config.json's run (`optim.epochs`; runs made before the optimiser section: `epochs`)."""
+    optim = run.get("optim")
+    epochs = optim.get("epochs") if isinstance(optim, dict) else run.get("epochs")
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+
+
 def read_run(directory: Path, runs_root: Path) -> dict:
     relative = directory.relative_to(runs_root).as_posix() if directory != runs_root else directory.name
     match = _RUN_PATH.search(directory.as_posix())
@@ -60,8 +67,8 @@ def read_run(directory: Path, runs_root: Path) -> dict:
     config = _read_object(directory / "config.json") if (directory / "config.json").exists() else {}
     if isinstance(config, str):
         problems.append(config)
-    elif isinstance(config.get("run"), dict) and isinstance(config["run"].get("epochs"), int):
-        row["epochs"] = config["run"]["epochs"]
+    elif isinstance(config.get("run"), dict):
+        row["epochs"] = configured_epochs(config["run"])
     job = _read_object(directory / "job.json") if (directory / "job.json").exists() else None
     if isinstance(job, str):
         problems.append(job)

@@ -1,9 +1,10 @@
 """A grid of stage-2 runs: (dataset, shots, seed, ablation) cells, run one after another in this process or as
-separate `python -m pipelines distill` processes (at most N at once, one log file per cell).
+separate `python -m pipelines distill --config CELL.yaml` processes (at most N at once, one log file per cell).
 
-A cell is a complete `DistillOptions`; its run directory is the one `distill` would use, so a finished cell is
-recognised (final.json) and not run again, and `transagent report` finds every cell's result. A failing cell does
-not stop the others; the caller gets every cell's outcome and decides the exit status.
+A cell is a configuration (`DistillRun` with one shots count and one seed); an ablation is a set of KEY=VALUE
+over its keys (a flag's name works as a key: `lambda_vac=0.5`). A cell's run directory is the one `distill` would
+use, so a finished cell is recognised (final.json) and not run again, and `transagent report` finds every cell's
+result. A failing cell does not stop the others; the caller gets every cell's outcome and decides the exit status.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -20,178 +22,170 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.distillation import ABLATION_FLAGS, DistillOptions, ablation_slug, run_directory
+import yaml
 
-GRID_AXES = ("datasets", "shots", "seeds", "ablations")
-CELL_FIELDS = ("dataset", "shots", "seed")        # set per cell, never common
-CHOICES = {"protocol": ("base2novel", "fewshot", "cross", "dg"), "preset": ("paper", "tiny"),
-           "router": ("mlp", "noisy-linear"), "precision": ("auto", "fp32", "bf16", "fp16"),
-           "mac_student": ("standardized", "logits")}
-_FIELDS = {f.name: f for f in dataclasses.fields(DistillOptions)}
-COMMON_FIELDS = tuple(name for name in _FIELDS if name not in CELL_FIELDS)
+from pipelines.config import ConfigError
+from pipelines.config.distill import NOT_IDENTITY, ROOTS, DistillRun, as_yaml, resolve
+from pipelines.config.files import write_config
+from pipelines.config.tree import flatten, from_mapping, parse_assignment, plain, resolve_key
+from pipelines.distillation import distill, run_directory
+
+log = logging.getLogger(__name__)
+GRID_AXES = ("datasets", "ablations")          # the grid's own keys; everything else is a configuration key
+CELL_KEYS = ("dataset", "shots", "seeds")      # set per cell, never by an ablation
+DEFAULT = "default"                            # an ablation's value that means: the protocol's and preset's
 
 
 class SweepError(ValueError):
-    """A grid that cannot be expanded (unknown flag, bad value, bad grid file); the message says which."""
+    """A grid that cannot be expanded (unknown key, bad value, bad grid file); the message says which."""
 
 
 # -------------------------------------------------------------------------------------------------- the grid
-def convert_option(name: str, value):
-    """A DistillOptions field value from a string (command line) or a JSON value (grid file), checked.
-    'default' is the field's default; 'none' (or null) unsets an optional field."""
-    if name not in _FIELDS:
-        raise SweepError(f"unknown option {name!r}; known: {', '.join(COMMON_FIELDS)}")
-    field = _FIELDS[name]
-    if isinstance(value, str) and value.strip().lower() == "default":
-        return field.default_factory() if field.default is dataclasses.MISSING else field.default
-    annotation = str(field.type)
-    optional = "None" in annotation
-    kind = annotation.split("|")[0].strip()
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "")):
-        if not optional:
-            raise SweepError(f"{name} needs a value")
-        return None
-    try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "Path":
-            return Path(value)
-        if kind.startswith("tuple"):  # layer lists: [3, 7, 11] in a grid file, "3+7+11" on the command line
-            items = value if isinstance(value, (list, tuple)) else str(value).replace("+", " ").split()
-            return tuple(sorted({int(item) for item in items}))
-        if kind == "dict":
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return dict(value)
-    except (TypeError, ValueError):
-        raise SweepError(f"{name}: expected {kind}, got {value!r}") from None
-    value = str(value).strip()
-    if name in CHOICES and value not in CHOICES[name]:
-        raise SweepError(f"{name}: {value!r} is not one of {', '.join(CHOICES[name])}")
-    return value
-
-
-def parse_ablation(text: str) -> dict:
-    """'agents=dino,mae;lambda_vac=0.5' -> {'agents': 'dino,mae', 'lambda_vac': 0.5}; pairs split on ';'."""
-    ablation = {}
+def parse_ablation(text: str) -> dict[str, object]:
+    """'agents=dino,mae;lambda_vac=0.5' -> {'agents': 'dino,mae', 'loss.vac': 0.5}; pairs split on ';', a value
+    'default' unsets the key for the cell (the protocol's and preset's value applies)."""
+    ablation: dict[str, object] = {}
     for pair in (part.strip() for part in text.split(";")):
         if not pair:
             continue
         name, sep, value = pair.partition("=")
-        name = name.strip().lstrip("-").replace("-", "_")
-        if not sep or not name:
+        if not sep or not name.strip():
             raise SweepError(f"ablation {text!r}: expected NAME=VALUE[;NAME=VALUE], got {pair!r}")
-        ablation[name] = value.strip()
-    return check_ablation(ablation)
+        try:
+            if value.strip().lower() == DEFAULT:
+                ablation.update(dict.fromkeys(resolve_key(DistillRun, name, "ablation: "), DEFAULT))
+            else:
+                ablation.update(parse_assignment(DistillRun, pair, "ablation: "))
+        except ConfigError as error:
+            raise SweepError(str(error)) from None
+    return _may_vary(ablation)
 
 
-def check_ablation(ablation: dict) -> dict:
-    """Only the ablation flags may vary between cells (the rest is common to the sweep); values converted."""
+def check_ablation(ablation) -> dict[str, object]:
+    """An ablation of a grid file: a NAME=VALUE[;...] text or an object of keys (nested sections allowed)."""
+    if isinstance(ablation, str):
+        return parse_ablation(ablation)
     if not isinstance(ablation, dict):
-        raise SweepError(f"an ablation is a NAME=VALUE set or a JSON object, got {ablation!r}")
-    unknown = [name for name in ablation if name not in ABLATION_FLAGS]
-    if unknown:
-        raise SweepError(f"{', '.join(unknown)} cannot vary per cell; ablation flags: {', '.join(ABLATION_FLAGS)}")
-    return {name: convert_option(name, value) for name, value in ablation.items()}
-
-
-def _as_list(name: str, value, kind=str) -> list:
-    items = value if isinstance(value, list) else str(value).replace(" ", ",").split(",")
+        raise SweepError(f"an ablation is a NAME=VALUE set or an object, got {ablation!r}")
+    defaults = [name for name, value in ablation.items() if isinstance(value, str) and value.lower() == DEFAULT]
     try:
-        items = [kind(item) for item in items if str(item).strip() != ""]
-    except (TypeError, ValueError):
-        raise SweepError(f"{name}: expected a list of {kind.__name__}, got {value!r}") from None
+        values = from_mapping(DistillRun, {k: v for k, v in ablation.items() if k not in defaults}, "ablation: ")
+        for name in defaults:
+            values.update(dict.fromkeys(resolve_key(DistillRun, name, "ablation: "), DEFAULT))
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
+    return _may_vary(values)
+
+
+def _may_vary(ablation: dict) -> dict:
+    """Only what changes a cell's numbers varies between cells; where it runs and the cell axes are the sweep's."""
+    fixed = [key for key in ablation if key in CELL_KEYS + NOT_IDENTITY]
+    if fixed:
+        raise SweepError(f"{', '.join(fixed)} cannot vary per cell (it is the grid's axis, or changes no number)")
+    return ablation
+
+
+def load_grid(path) -> dict:
+    """A grid file (JSON or YAML): {"datasets": [...], "ablations": [{...} | "k=v;k=v", ...], plus any configuration
+    key ("shots": [1, 16], "seeds": [1, 2], "protocol": ..., "optim": {"epochs": 5}, "lambda_lac": 10, ...)}."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SweepError(f"cannot read grid file {path}: {error}") from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"grid file {path}: expected an object")
+    grid_settings(spec, f"grid file {path}: ")
+    return spec
+
+
+def grid_settings(spec: dict, where: str = "") -> dict[str, object]:
+    """{dotted key: typed value} of a grid's configuration keys (all but its axes)."""
+    try:
+        return from_mapping(DistillRun, {k: v for k, v in spec.items() if k not in GRID_AXES}, where)
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
+
+
+def grid_file(path) -> tuple[dict, dict[str, object]]:
+    """(the axes, the configuration keys) of a grid file."""
+    spec = load_grid(path)
+    return {k: v for k, v in spec.items() if k in GRID_AXES}, grid_settings(spec, f"grid file {path}: ")
+
+
+def _as_list(name: str, value) -> list[str]:
+    items = value if isinstance(value, list) else str(value).replace(" ", ",").split(",")
+    items = [str(item).strip() for item in items if str(item).strip()]
     if not items:
         raise SweepError(f"{name}: the grid needs at least one value")
     return items
 
 
-def load_grid(path) -> dict:
-    """A JSON grid file: {"datasets": [...], "shots": [...], "seeds": [...], "ablations": [{...} | "k=v;k=v", ...],
-    plus any common DistillOptions field ("protocol", "preset", "epochs", "device", ...)}."""
-    path = Path(path)
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SweepError(f"cannot read grid file {path}: {error}") from None
-    if not isinstance(spec, dict):
-        raise SweepError(f"grid file {path}: expected a JSON object")
-    unknown = [key for key in spec if key not in GRID_AXES and key not in COMMON_FIELDS]
-    if unknown:
-        raise SweepError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(GRID_AXES + COMMON_FIELDS)}")
-    return spec
-
-
-def expand_grid(spec: dict) -> list[DistillOptions]:
-    """Every (dataset, shots, seed, ablation) cell of a spec, in that nesting order; duplicates (two ablations
-    that resolve to the same run directory) are kept once."""
-    datasets = _as_list("datasets", spec.get("datasets", "eurosat"))
-    shots = _as_list("shots", spec.get("shots", 16), int)
-    seeds = _as_list("seeds", spec.get("seeds", 1), int)
-    ablations = [parse_ablation(a) if isinstance(a, str) else check_ablation(a)
-                 for a in (spec.get("ablations") or [{}])]
-    common = {name: convert_option(name, spec[name]) for name in COMMON_FIELDS if name in spec}
+def expand_grid(spec: dict) -> list[DistillRun]:
+    """Every (dataset, shots, seed, ablation) cell of a grid (`load_grid`'s form; configuration keys may also be
+    dotted and typed already), in that nesting order; two ablations that resolve to the same run directory are
+    kept once."""
+    common = grid_settings(spec)
+    datasets = _as_list("datasets", spec.get("datasets", common.get("dataset", DistillRun.dataset)))
+    ablations = [check_ablation(a) for a in (spec.get("ablations") or [{}])]
+    configs = {}
+    for dataset, number in itertools.product(datasets, range(len(ablations))):
+        values = {**common, "dataset": dataset}
+        for key, value in ablations[number].items():
+            if value == DEFAULT:
+                values.pop(key, None)
+            else:
+                values[key] = value
+        try:
+            configs[dataset, number] = resolve(values)
+        except (ConfigError, ValueError) as error:
+            raise SweepError(str(error)) from None
     cells, seen = [], set()
-    for dataset, k, seed, ablation in itertools.product(datasets, shots, seeds, ablations):
-        options = DistillOptions(**{**common, **ablation, "dataset": dataset, "shots": k, "seed": seed})
-        directory = run_directory(options)
-        if directory not in seen:
-            seen.add(directory)
-            cells.append(options)
+    for dataset in datasets:
+        first = configs[dataset, 0]
+        for shots, seed, number in itertools.product(first.shots, first.seeds, range(len(ablations))):
+            cell = dataclasses.replace(configs[dataset, number], shots=(shots,), seeds=(seed,))
+            if run_directory(cell) not in seen:
+                seen.add(run_directory(cell))
+                cells.append(cell)
     return cells
 
 
-def cell_name(options: DistillOptions) -> str:
-    return f"{options.dataset}/{options.protocol}/shots{options.shots}/seed{options.seed}/{ablation_slug(options)}"
+def cell_name(cell: DistillRun) -> str:
+    return run_directory(cell).relative_to(cell.runs_root).as_posix()
 
 
-def is_finished(options: DistillOptions) -> bool:
-    """distill would only read final.json back: nothing to run."""
-    return (run_directory(options) / "final.json").exists() and not (options.force or options.resume)
+def cell_settings(cell: DistillRun) -> list[str]:
+    """The cell as --set assignments: the keys whose values are not the fields' defaults (roots left out)."""
+    defaults = flatten(DistillRun())
+    return [f"{key}={value if isinstance(value, str) else json.dumps(plain(value))}"
+            for key, value in flatten(cell).items() if value != defaults[key] and key not in ROOTS]
 
 
-def distill_command(options: DistillOptions, python: str = sys.executable) -> list[str]:
-    """The `python -m pipelines distill ...` command line that trains exactly this cell."""
-    o = options
-    command = [python, "-m", "pipelines", "distill", "--dataset", o.dataset, "--data-root", str(o.data_root),
-               "--cache-root", str(o.cache_root), "--runs-root", str(o.runs_root), "--preset", o.preset,
-               "--agents", o.agents, "--protocol", o.protocol, "--shots", str(o.shots), "--seeds", str(o.seed),
-               "--lambda-vac", repr(o.lambda_vac), "--lambda-lac", repr(o.lambda_lac),
-               "--lambda-rel", repr(o.lambda_rel), "--lambda-mac", repr(o.lambda_mac),
-               "--temperature", repr(o.temperature), "--mac-student", o.mac_student, "--router", o.router,
-               "--device", o.device,
-               "--precision", o.precision, "--workers", str(o.workers)]
-    for flag, value in (("--views", o.views), ("--epochs", o.epochs), ("--prompt-depth", o.prompt_depth),
-                        ("--stop-after-epoch", o.stop_after_epoch), ("--dataset-name", o.dataset_name)):
-        if value is not None:
-            command += [flag, str(value)]
-    for flag, on in (("--eval-initial", o.eval_initial), ("--resume", o.resume), ("--force", o.force)):
-        if on:
-            command.append(flag)
-    if o.layers is not None:
-        command += ["--layers", ",".join(str(layer) for layer in o.layers)]
-    for agent, fingerprint in sorted(o.pins.items()):
-        command += ["--cache-fingerprint", f"{agent}={fingerprint}"]
-    if o.report_to:
-        command += ["--report-to", o.report_to]
-    return command
+def is_finished(cell: DistillRun, rerun: bool = False) -> bool:
+    """distill would only read final.json back: nothing to run (`rerun`: --force or --resume given)."""
+    return (run_directory(cell) / "final.json").exists() and not rerun
+
+
+def write_cell(cell: DistillRun, folder: Path) -> Path:
+    """The cell's configuration file, what `distill --config` runs."""
+    path = Path(folder) / (cell_name(cell).replace("/", "-") + ".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_config(path, as_yaml(cell), f"sweep cell {cell_name(cell)}: transagent distill --config {path.name}")
+    return path
+
+
+def distill_command(config_file: Path, resume: bool = False, force: bool = False,
+                    python: str = sys.executable) -> list[str]:
+    """The `python -m pipelines distill --config CELL.yaml` command line of a cell."""
+    return [python, "-m", "pipelines", "distill", "--config", str(config_file)] + \
+        (["--resume"] if resume else []) + (["--force"] if force else [])
 
 
 # ----------------------------------------------------------------------------------------------- running it
 @dataclass
 class CellResult:
-    options: DistillOptions
+    config: DistillRun
     status: str                 # done | exists | stopped | failed
     accuracy: dict | None = None
     seconds: float = 0.0
@@ -199,13 +193,13 @@ class CellResult:
     log: Path | None = None
 
 
-def _finished_result(options: DistillOptions, status: str, seconds: float = 0.0, log=None) -> CellResult:
-    path = run_directory(options) / "final.json"
+def finished_result(cell: DistillRun, status: str, seconds: float = 0.0, log_path=None) -> CellResult:
+    path = run_directory(cell) / "final.json"
     try:
         final = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        return CellResult(options, "failed", None, seconds, f"cannot read {path}: {error}", log)
-    return CellResult(options, status, final.get("accuracy"), seconds, log=log)
+    except (OSError, ValueError) as error:
+        return CellResult(cell, "failed", None, seconds, f"cannot read {path}: {error}", log_path)
+    return CellResult(cell, status, final.get("accuracy"), seconds, log=log_path)
 
 
 @dataclass
@@ -216,71 +210,75 @@ class _Running:
     gpu: str | None
 
 
-def _log_path(log_dir: Path, options: DistillOptions) -> Path:
-    return Path(log_dir) / (cell_name(options).replace("/", "-") + ".log")
+def _log_path(log_dir: Path, cell: DistillRun) -> Path:
+    return Path(log_dir) / (cell_name(cell).replace("/", "-") + ".log")
 
 
-def run_in_process(cells: list[DistillOptions], log_dir, echo=print) -> list[CellResult]:
+def run_in_process(cells: list[DistillRun], log_dir, resume: bool = False, force: bool = False,
+                   progress: bool = False) -> list[CellResult]:
     """Cells one after another in this process; a failure's traceback goes to its log file."""
-    from pipelines.distillation import distill
-
     results = []
-    for number, options in enumerate(cells, 1):
-        prefix = f"[{number}/{len(cells)}] {cell_name(options)}"
-        if is_finished(options):
-            results.append(_finished_result(options, "exists"))
-            echo(f"{prefix}: finished before, skipped")
+    for number, cell in enumerate(cells, 1):
+        prefix = f"[{number}/{len(cells)}] {cell_name(cell)}"
+        if is_finished(cell, resume or force):
+            results.append(finished_result(cell, "exists"))
+            log.info("%s: finished before, skipped", prefix)
             continue
-        echo(f"{prefix}: running")
+        log.info("%s: running", prefix)
         start = time.perf_counter()
         try:
-            final = distill(options)
-        except Exception as error:   # one bad cell must not end the sweep
-            log = _log_path(log_dir, options)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(traceback.format_exc())
-            results.append(CellResult(options, "failed", None, time.perf_counter() - start,
-                                      f"{type(error).__name__}: {error}", log))
-            echo(f"{prefix}: FAILED: {results[-1].error} (traceback: {log})")
+            final = distill(cell, resume=resume, force=force, progress=progress)
+        except Exception as error:   # noqa: BLE001 - one bad cell must not end the sweep
+            path = _log_path(log_dir, cell)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(traceback.format_exc())
+            results.append(CellResult(cell, "failed", None, time.perf_counter() - start,
+                                      f"{type(error).__name__}: {error}", path))
+            log.info("%s: FAILED: %s (traceback: %s)", prefix, results[-1].error, path)
             continue
         status = "stopped" if final.get("status") == "stopped" else "done"
-        results.append(CellResult(options, status, final.get("accuracy"), time.perf_counter() - start))
-        echo(f"{prefix}: {status} {format_accuracy(results[-1].accuracy)}")
+        results.append(CellResult(cell, status, final.get("accuracy"), time.perf_counter() - start))
+        log.info("%s: %s %s", prefix, status, format_accuracy(results[-1].accuracy))
     return results
 
 
-def run_processes(cells: list[DistillOptions], processes: int, log_dir, gpus: tuple[str, ...] = (), echo=print,
-                  command=distill_command, poll_seconds: float = 0.2) -> list[CellResult]:
-    """Each cell as its own process (`command(options)`), at most `processes` at once, output to one log file per
-    cell under `log_dir`. With `gpus`, each process sees one of them (CUDA_VISIBLE_DEVICES), least used first."""
+def run_processes(cells: list[DistillRun], processes: int, log_dir, gpus: tuple[str, ...] = (),
+                  resume: bool = False, force: bool = False, command=None,
+                  poll_seconds: float = 0.2) -> list[CellResult]:
+    """Each cell as its own process (default: `distill --config` of the cell's file under log_dir/cells), at most
+    `processes` at once, output to one log file per cell under `log_dir`. With `gpus`, each process sees one of
+    them (CUDA_VISIBLE_DEVICES), least used first."""
     if processes < 1:
         raise SweepError("--processes must be at least 1")
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        def command(cell):
+            return distill_command(write_cell(cell, log_dir / "cells"), resume, force)
     results: list[CellResult | None] = [None] * len(cells)
     pending = collections.deque(enumerate(cells))
     running: dict[int, _Running] = {}   # by cell index
     try:
         while pending or running:
             while pending and len(running) < processes:
-                index, options = pending.popleft()
-                prefix = f"[{index + 1}/{len(cells)}] {cell_name(options)}"
-                if is_finished(options):
-                    results[index] = _finished_result(options, "exists")
-                    echo(f"{prefix}: finished before, skipped")
+                index, cell = pending.popleft()
+                prefix = f"[{index + 1}/{len(cells)}] {cell_name(cell)}"
+                if is_finished(cell, resume or force):
+                    results[index] = finished_result(cell, "exists")
+                    log.info("%s: finished before, skipped", prefix)
                     continue
-                started = _start(command(options), _log_path(log_dir, options), gpus,
+                started = _start(command(cell), _log_path(log_dir, cell), gpus,
                                  [entry.gpu for entry in running.values()])
                 running[index] = started
-                echo(f"{prefix}: started (pid {started.process.pid}" + (f", GPU {started.gpu}" if gpus else "")
-                     + f", log {started.log.name})")
+                log.info("%s: started (pid %s%s, log %s)", prefix, started.process.pid,
+                         f", GPU {started.gpu}" if gpus else "", started.log.name)
             done = [index for index, entry in running.items() if entry.process.poll() is not None]
             for index in done:
-                results[index] = _collect(cells[index], running.pop(index))
-                result = results[index]
+                results[index] = result = _collect(cells[index], running.pop(index))
                 outcome = f"FAILED: {result.error}" if result.status == "failed" else \
                     f"{result.status} {format_accuracy(result.accuracy)}"
-                echo(f"[{index + 1}/{len(cells)}] {cell_name(cells[index])}: {outcome} (log {result.log})")
+                log.info("[%d/%d] %s: %s (log %s)", index + 1, len(cells), cell_name(cells[index]), outcome,
+                         result.log)
             if running and not done:
                 time.sleep(poll_seconds)
     except BaseException:
@@ -306,18 +304,18 @@ def _start(command: list[str], log_path: Path, gpus, gpus_in_use) -> _Running:
     return _Running(process, handle, time.perf_counter(), gpu)
 
 
-def _collect(options, entry: _Running) -> CellResult:
+def _collect(cell: DistillRun, entry: _Running) -> CellResult:
     entry.log.close()
     seconds = time.perf_counter() - entry.started
-    log, returncode = Path(entry.log.name), entry.process.returncode
-    if returncode == 0 and (run_directory(options) / "final.json").exists():
-        return _finished_result(options, "done", seconds, log)
+    path, returncode = Path(entry.log.name), entry.process.returncode
+    if returncode == 0 and (run_directory(cell) / "final.json").exists():
+        return finished_result(cell, "done", seconds, path)
     if returncode == 0:
-        return CellResult(options, "stopped", None, seconds, log=log)
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        return CellResult(cell, "stopped", None, seconds, log=path)
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("Error") or "Error:" in line]   # click's or a traceback's
     reason = (errors or lines or [""])[-1]
-    return CellResult(options, "failed", None, seconds, f"exit {returncode}: {reason}".strip(), log)
+    return CellResult(cell, "failed", None, seconds, f"exit {returncode}: {reason}".strip(), path)
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -332,8 +330,8 @@ def _clip(text: str, width: int) -> str:
 
 
 def summary_table(results: list[CellResult]) -> str:
-    rows = [{"dataset": r.options.dataset, "protocol": r.options.protocol, "shots": str(r.options.shots),
-             "seed": str(r.options.seed), "ablation": ablation_slug(r.options), "status": r.status,
+    rows = [{"dataset": r.config.dataset, "protocol": r.config.protocol, "shots": str(r.config.shot),
+             "seed": str(r.config.seed), "ablation": run_directory(r.config).name, "status": r.status,
              "accuracy": format_accuracy(r.accuracy) or _clip(r.error, 100),
              "time": f"{r.seconds:.0f}s" if r.seconds else ""}
             for r in results]
@@ -344,6 +342,6 @@ def summary_table(results: list[CellResult]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-__all__ = ["CellResult", "SweepError", "cell_name", "check_ablation", "convert_option", "distill_command",
-           "expand_grid", "is_finished", "load_grid", "parse_ablation", "run_in_process", "run_processes",
-           "summary_table"]
+__all__ = ["CellResult", "SweepError", "cell_name", "cell_settings", "check_ablation", "distill_command",
+           "expand_grid", "finished_result", "is_finished", "load_grid", "parse_ablation", "run_in_process",
+           "run_processes", "summary_table", "write_cell"]

@@ -39,7 +39,9 @@ def extract_killed_once(argv):
     SIGKILLed once its second batch is on disk and journaled (some rows of the segment written, not all)."""
     from pipelines.launch import run_task
 
-    agent = argv[argv.index("--agents") + 1]
+    import yaml
+
+    agent = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())["agents"]   # the task's one agent
     marker = Path(os.environ["LAUNCH_TEST_MARKERS"]) / f"killed-{agent}"
     if agent == os.environ["LAUNCH_TEST_KILL"] and not marker.exists():
         from extract import runner

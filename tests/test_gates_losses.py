@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_schema.manifest import Manifest
+from distill.config import PromptConfig
 from distill.data import TeacherBank, VisionLayers, stored_vision_layers
 from distill.gates import GateSet, MLPGate, NoisyLinearRouter, build_gates
 from distill.losses import (LossWeights, agent_layer_map, ce_loss, class_similarity, distill_loss, kd_kl, lac_loss,
@@ -19,13 +20,14 @@ from pipelines.presets import register_model_configs
 NAMES = ["annual crop land", "forest", "sea or lake", "river"]
 VISION, LANGUAGE, MULTIMODAL = ["dino", "mae", "sam", "vitdet"], ["gpt3", "vicuna"], ["sd", "pixart", "blip2", "shikra"]
 B, C, T, D, LAYERS = 2, len(NAMES), 16, 64, 3
+DEPTH_3 = PromptConfig(depth_vision=3, depth_text=3)
 
 
 @pytest.fixture(scope="module")
 def student():
     register_model_configs()
     torch.manual_seed(0)
-    return build_student("TransAgent-Tiny-CLIP", pretrained=None, prompt_depth=3, classnames=NAMES)
+    return build_student("TransAgent-Tiny-CLIP", pretrained=None, prompts=DEPTH_3, classnames=NAMES)
 
 
 def gates_for(router="mlp"):
@@ -441,7 +443,7 @@ def test_mac_prompt_gradient_is_comparable_to_ce_at_initialisation():
     classes, batch, batches = 10, 4, 3
     register_model_configs()
     torch.manual_seed(1)
-    model = build_student("TransAgent-Tiny-CLIP", pretrained=None, prompt_depth=3,
+    model = build_student("TransAgent-Tiny-CLIP", pretrained=None, prompts=DEPTH_3,
                           classnames=[f"class {i}" for i in range(classes)])
     gate = build_gates(multimodal_agents=MULTIMODAL, num_classes=classes).multimodal
     prompts = list(model.trainable_parameters())

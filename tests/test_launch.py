@@ -1,8 +1,11 @@
 """Submitting through submitit (its local executor: real jobs in their own processes, no SLURM): the same results
 as the in-process path, retries of killed tasks, ordering, job records; TensorBoard records read back."""
+import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,11 +16,23 @@ import launcher_tasks
 from pipelines.cli import main
 from pipelines.commands.distill import distill as distill_cli
 from pipelines.commands.extract import extract as extract_cli
-from pipelines.distillation import DistillOptions, run_directory
-from pipelines.launch import (LaunchError, LaunchOptions, Task, clear_forced, extract_argv, launch, make_executor,
-                              parse_time, sweep_tasks)
+from pipelines.config.cli import layers
+from pipelines.config.distill import DistillRun, resolve
+from pipelines.distillation import run_directory
+from pipelines.launch import LaunchError, LaunchOptions, Task, launch, make_executor, parse_time
+from pipelines.config.extract import ExtractOptions
+from pipelines.config.tree import build
+from pipelines.submit import clear_forced, extraction_tasks, sweep_tasks
 
 TESTS = Path(__file__).parent
+
+
+def extract_config(args) -> ExtractOptions:
+    """The configuration `extract ARGS` would extract (its first dataset)."""
+    context = extract_cli.make_context("extract", [str(a) for a in args])
+    config = build(ExtractOptions, layers(context, ExtractOptions, skip=("dataset",)).merged())
+    datasets = context.params["datasets"]
+    return dataclasses.replace(config, dataset=datasets.split(",")[0]) if datasets else config
 
 
 @pytest.fixture
@@ -36,17 +51,20 @@ def test_time_formats_argv_round_trip_and_flag_checks(tmp_path):
         [90, 31, 720, 1440, 1590, 2881]
     with pytest.raises(LaunchError, match="--slurm-time"):
         parse_time("12h")
-    # an extraction task's command line parses back, with the extract command itself, to the same options
+    # an extraction task's configuration file, read back by the extract command itself, is the same configuration
     args = ["--dataset", "a,b", "--data-root", "d", "--cache-root", str(tmp_path / "c"), "--preset", "tiny",
             "--agents", "dino,gpt3", "--protocol", "all", "--shots", "1,4", "--seeds", "1,2", "--views", "3",
             "--view-seed", "5", "--layers", "7,3", "--token-pool", "2", "--dtype", "int8", "--max-bytes", "1e9",
             "--batch-size", "2", "--device", "cpu", "--backend", "hdf5", "--on-error", "skip",
             "--descriptions", "gpt3=g.json", "--agent-path", "dino=w", "--log", "x.jsonl"]
-    params = extract_cli.make_context("extract", args).params
-    rebuilt = extract_cli.make_context("extract", extract_argv(params, "b", "gpt3")[1:]).params
-    absolute = {"data_root": Path("d").absolute(), "cache_root": tmp_path / "c", "log_path": Path("x.jsonl").absolute(),
+    config = extract_config(args)
+    task, = extraction_tasks({"b": [SimpleNamespace(spec=SimpleNamespace(name="gpt3"))]},
+                             {"b": dataclasses.replace(config, dataset="b")}, tmp_path / "tasks")
+    assert task.argv[:2] == ["extract", "--config"]
+    absolute = {"data_root": Path("d").absolute(), "cache_root": tmp_path / "c", "log": Path("x.jsonl").absolute(),
                 "descriptions": {"gpt3": str(Path("g.json").absolute())}, "agent_paths": {}}
-    assert rebuilt == {**params, **absolute, "datasets": "b", "agents": "gpt3"}
+    assert extract_config(task.argv[1:]) == dataclasses.replace(config, **absolute, dataset="b", agents="gpt3")
+    assert config.layers == (3, 7) and config.token_pool == 2 and config.protocols == ("base2novel", "fewshot")
     # scheduler flags without --launcher submitit would be ignored: refused
     result = CliRunner().invoke(main, ["sweep", "--retries", "2", "--dry-run"])
     assert result.exit_code == 2 and "--retries only apply with --launcher submitit" in result.output
@@ -55,25 +73,27 @@ def test_time_formats_argv_round_trip_and_flag_checks(tmp_path):
     assert result.exit_code == 0 and "4 cell(s), a job each through submitit" in result.output
     commands = [line.split(None, 1)[1] for line in result.output.splitlines() if "transagent distill" in line]
     assert len(commands) == 4 and all("--force" not in c for c in commands)   # cleared on this node instead
-    # a cell's task is its distill command with absolute paths; a retry resumes it
-    cell = DistillOptions(runs_root=Path("runs"), force=True, report_to="tensorboard")
-    task, = sweep_tasks([cell])
-    first = distill_cli.make_context("distill", task.argv[1:]).params
+    # a cell's task is `distill --config` of its file, roots made absolute; a retry resumes it
+    cell = resolve({"runs_root": Path("runs"), "report_to": "tensorboard"})
+    task, = sweep_tasks([cell], tmp_path / "cells")
+    first = distill_cli.make_context("distill", task.argv[1:])
     retry = distill_cli.make_context("distill", task.retry_argv[1:]).params
-    assert task.argv[0] == "distill" and first["runs_root"] == Path("runs").absolute()
-    assert (first["resume"], first["force"], retry["resume"], retry["report_to"]) == (False, False, True, "tensorboard")
+    config = resolve(layers(first, DistillRun).merged())
+    assert task.argv[:2] == ["distill", "--config"] and config.runs_root == Path("runs").absolute()
+    assert (first.params["resume"], first.params["force"], retry["resume"], config.report_to) == \
+        (False, False, True, "tensorboard")
     assert task.record == run_directory(cell).absolute() / "job.json"
-    kept = DistillOptions(runs_root=tmp_path / "runs", seed=2)
-    for options in (cell := DistillOptions(runs_root=tmp_path / "runs", force=True), kept):
+    kept = resolve({"runs_root": tmp_path / "runs", "seeds": (2,)})
+    for options in (cell := resolve({"runs_root": tmp_path / "runs"}), kept):
         run_directory(options).mkdir(parents=True)
         (run_directory(options) / "final.json").write_text("{}")
-    clear_forced([cell, kept])
+    clear_forced([cell])
     assert not run_directory(cell).exists() and run_directory(kept).exists()
     # with --no-wait, a task waiting for another needs SLURM's dependencies
     tasks = [Task("d/vicuna", ["x"], finished=lambda: False), Task("d/sd", ["y"], lambda: False, after=("d/vicuna",))]
     options = LaunchOptions(cluster="local", wait=False)
     with pytest.raises(LaunchError, match="d/sd wait"):
-        launch(tasks, make_executor(options, tmp_path / "jobs", "t"), options, echo=lambda line: None)
+        launch(tasks, make_executor(options, tmp_path / "jobs", "t"), options)
     assert not list((tmp_path / "jobs").glob("*_submitted.pkl"))   # refused before anything was submitted
 
 
@@ -81,28 +101,25 @@ def test_task_command_lines_carry_every_flag_and_the_submitting_node_checks_firs
     """--dataset-name, the agent's --agent-option, --strict and --wait travel in an extraction task (a retry waits
     for a dead job's lease to go stale); --mac-student and --dataset-name in a cell's task; the submitit path
     refuses what the in-process path refuses before anything is submitted."""
-    from types import SimpleNamespace
-
     from cache_schema.lock import HEARTBEAT, STALE_AFTER
-    from pipelines.launch import extraction_tasks
 
     args = ["--dataset", "folder:imgs", "--dataset-name", "lab", "--cache-root", str(tmp_path / "c"), "--agents",
             "gpt3,vicuna", "--agent-option", "gpt3:template=coop", "--agent-option", "gpt3:n=5",
             "--agent-option", "gpt3:flag=true", "--agent-option", 'gpt3:word="5"', "--agent-option",
             "vicuna:descriptions=generate", "--strict", "--wait", "12.5"]
-    params = extract_cli.make_context("extract", args).params
     job = SimpleNamespace(spec=SimpleNamespace(name="gpt3"))
-    task, = extraction_tasks({"folder:imgs": [job]}, params)
+    task, = extraction_tasks({"folder:imgs": [job]}, {"folder:imgs": extract_config(args)}, tmp_path / "tasks")
     assert task.name == "lab/gpt3"
-    rebuilt = extract_cli.make_context("extract", task.argv[1:]).params
-    assert (rebuilt["dataset_name"], rebuilt["strict"], rebuilt["wait"]) == ("lab", True, 12.5)
-    assert rebuilt["agent_settings"] == {"gpt3": {"template": "coop", "n": 5, "flag": True, "word": "5"}}
-    retry = extract_cli.make_context("extract", task.retry_argv[1:]).params
-    assert retry["wait"] == STALE_AFTER + HEARTBEAT and {**retry, "wait": 12.5} == rebuilt
-    cell = DistillOptions(dataset="folder:imgs", dataset_name="lab", mac_student="logits", runs_root=tmp_path)
-    task, = sweep_tasks([cell])
-    first = distill_cli.make_context("distill", task.argv[1:]).params
-    assert (first["mac_student"], first["dataset_name"]) == ("logits", "lab")
+    rebuilt = extract_config(task.argv[1:])
+    assert (rebuilt.dataset, rebuilt.dataset_name, rebuilt.strict, rebuilt.wait) == ("folder:imgs", "lab", True, 12.5)
+    assert rebuilt.agent_settings == {"gpt3": {"template": "coop", "n": 5, "flag": True, "word": "5"}}
+    retry = extract_config(task.retry_argv[1:])
+    assert retry.wait == STALE_AFTER + HEARTBEAT and dataclasses.replace(retry, wait=12.5) == rebuilt
+    cell = resolve({"dataset": "folder:imgs", "dataset_name": "lab", "loss.mac_student": "logits",
+                    "runs_root": tmp_path})
+    task, = sweep_tasks([cell], tmp_path / "cells")
+    first = resolve(layers(distill_cli.make_context("distill", task.argv[1:]), DistillRun).merged())
+    assert (first.loss.mac_student, first.dataset_name) == ("logits", "lab")
     # the submitting node's checks: one --dataset-name for two datasets, a bad device, a root that is not writable
     result = CliRunner().invoke(main, ["extract", "--dataset", "a,b", "--dataset-name", "x", "--dry-run"])
     assert result.exit_code == 2 and "--dataset-name" in result.output
@@ -119,7 +136,7 @@ def test_task_command_lines_carry_every_flag_and_the_submitting_node_checks_firs
     assert not (tmp_path / "c" / ".jobs").exists()   # nothing was submitted
 
 
-def test_launcher_retries_killed_tasks_orders_waiting_ones_and_records_jobs(tmp_path, job_env):
+def test_launcher_retries_killed_tasks_orders_waiting_ones_and_records_jobs(tmp_path, job_env, caplog):
     """Real jobs (submitit's local executor), cheap bodies: a task killed once is re-submitted and finishes, a task
     waiting for it starts only after it, a failing `transagent` command is retried then reported (and the one
     waiting for it is not run), a real `transagent` command runs offline in its job."""
@@ -128,7 +145,8 @@ def test_launcher_retries_killed_tasks_orders_waiting_ones_and_records_jobs(tmp_
     make_synthetic(tmp_path / "data", num_classes=2, per_class=(2, 1, 1))
     marks = tmp_path / "marks"
     marks.mkdir()
-    fewshot = ["datasets", "fewshot", "synthetic", "--shots", "1", "--seeds", "3", "--data-root", str(tmp_path / "data")]
+    fewshot = ["datasets", "fewshot", "synthetic", "--shots", "1", "--seeds", "3", "--data-root",
+               str(tmp_path / "data")]
 
     def task(name, behaviour, *rest, after=()):
         argv = [str(marks), name, behaviour, *rest]
@@ -140,9 +158,10 @@ def test_launcher_retries_killed_tasks_orders_waiting_ones_and_records_jobs(tmp_
              task("later", "ok", after=("broken",)), task("real", "transagent", *fewshot),
              Task("old", ["-"], finished=lambda: True)]
     options = LaunchOptions(cluster="local", retries=1, gpus_per_task=0, poll_seconds=0.05)
-    lines = []
-    states = launch(tasks, make_executor(options, tmp_path / "jobs", "test"), options, echo=lines.append,
+    caplog.set_level(logging.INFO, logger="pipelines.launch")
+    states = launch(tasks, make_executor(options, tmp_path / "jobs", "test"), options,
                     function=launcher_tasks.marker_task)
+    lines = caplog.messages
     by_name = {state.task.name: state for state in states}
     assert {name: state.status for name, state in by_name.items()} == \
         {"vicuna": "done", "sd": "done", "broken": "failed", "later": "not run", "real": "done", "old": "exists"}
@@ -194,7 +213,7 @@ def test_submitit_sweep_equals_in_process(tmp_path, job_env):
             (tmp_path / "local" / relative / "metrics.jsonl").read_text()
         record = json.loads((tmp_path / "jobs" / relative / "job.json").read_text())
         log = Path(record["log"]).read_text()                               # the job's own log, its own process
-        assert f"--seeds {mine['seed']}" in log and f"pid {os.getpid()} " not in log and str(relative) in log
+        assert "distill --config" in log and f"pid {os.getpid()} " not in log and str(relative) in log
         row = listed[relative.as_posix()]
         assert row["status"] == "done" and row["job_id"] == record["job_id"] and row["accuracy"] == mine["accuracy"]
         job_ids.add(record["job_id"])
@@ -203,11 +222,11 @@ def test_submitit_sweep_equals_in_process(tmp_path, job_env):
 
 
 @pytest.mark.slow
-def test_submitit_extraction_with_a_killed_task_retried_equals_in_process(tmp_path, job_env, monkeypatch):
+def test_submitit_extraction_with_a_killed_task_retried_equals_in_process(tmp_path, job_env, monkeypatch, caplog):
     """Two agents, a job each; dino's first job is SIGKILLed mid-segment, re-submitted by --retries 1, and resumes."""
-    from pipelines.commands.extract import extract_dataset
     from pipelines.datasets import make_synthetic
-    from pipelines.launch import submit_extraction
+    from pipelines.extract_run import extract_dataset
+    from pipelines.submit import submit_extraction
     from test_extract_distributed import caches
 
     make_synthetic(tmp_path / "data", num_classes=4, per_class=(6, 2, 3))
@@ -217,14 +236,13 @@ def test_submitit_extraction_with_a_killed_task_retried_equals_in_process(tmp_pa
     assert local.exit_code == 0, local.output
     monkeypatch.setenv("LAUNCH_TEST_MARKERS", str(tmp_path))
     monkeypatch.setenv("LAUNCH_TEST_KILL", "dino")
-    context = extract_cli.make_context("extract", args[1:] + ["--cache-root", str(tmp_path / "jobs")])
-    params = {k: v for k, v in context.params.items() if k not in ("datasets", "launcher")}
-    LaunchOptions.from_params(params)   # takes the launcher's flags out of the extract parameters
+    config = extract_config(args[1:] + ["--cache-root", str(tmp_path / "jobs")])
     options = LaunchOptions(cluster="local", gpus_per_task=0, retries=1, poll_seconds=0.1)
-    plans = {"synthetic": extract_dataset("synthetic", **{**params, "dry_run": True})[0]}
-    lines = []
-    states = submit_extraction(plans, params, options, tmp_path / "jobs" / ".jobs", echo=lines.append,
+    plans = {"synthetic": extract_dataset(config, dry_run=True)}
+    caplog.set_level(logging.INFO, logger="pipelines.launch")
+    states = submit_extraction(plans, {"synthetic": config}, options, tmp_path / "jobs" / ".jobs",
                                function=launcher_tasks.extract_killed_once)
+    lines = caplog.messages
     assert {s.task.name: (s.status, len(s.jobs)) for s in states} == \
         {"synthetic/dino": ("done", 2), "synthetic/bert": ("done", 1)}, lines
     killed = int((tmp_path / "killed-dino").read_text())

@@ -78,7 +78,7 @@ def test_vac_equals_the_sum_over_layers_of_l1_to_the_normalised_fused_target():
 def test_lac_renormalises_by_default_in_the_pipeline():
     assert LossWeights().renormalize_language is True
     config = RunConfig(dataset="synthetic", protocol="base2novel", shots=4, seed=1)
-    assert config.loss_weights().renormalize_language is True
+    assert config.loss.renormalize_language is True
 
     g = torch.Generator().manual_seed(3)
     classes, dim = 4, 8
@@ -99,7 +99,7 @@ def test_lac_renormalises_by_default_in_the_pipeline():
                             language_features=agents)[1]["lac"]
 
     assert math.isclose(lac(LossWeights()), renormalised, rel_tol=1e-5)
-    assert math.isclose(lac(config.loss_weights()), renormalised, rel_tol=1e-5)
+    assert math.isclose(lac(config.loss), renormalised, rel_tol=1e-5)
     assert math.isclose(lac(LossWeights(renormalize_language=False)), official, rel_tol=1e-5)
     assert math.isclose(lac_loss(text, list(agents.values()), gate)[0].item(), renormalised, rel_tol=1e-5)
 
@@ -107,12 +107,12 @@ def test_lac_renormalises_by_default_in_the_pipeline():
 # ---- learning-rate schedule (reference §7: Dassl constant warm-up + CosineAnnealingLR) ---------------------------
 
 def test_learning_rate_schedule_matches_the_reference_trace():
-    config = RunConfig(dataset="synthetic", protocol="base2novel", shots=16, seed=1)
-    assert (config.epochs, config.lr, config.warmup_epochs, config.warmup_lr) == (20, 0.0025, 1, 1e-5)
-    assert learning_rate(config, 0) == 1e-5                                   # warm-up, not the base lr
-    assert math.isclose(learning_rate(config, 1), 0.0025, rel_tol=1e-12)      # cosine starts at the base lr
-    assert math.isclose(learning_rate(config, 2), 0.0024846104257439223, rel_tol=1e-9)
-    assert math.isclose(learning_rate(config, 19), 6.117935463105809e-05, rel_tol=1e-9)  # never reaches 0
+    optim = RunConfig(dataset="synthetic", protocol="base2novel", shots=16, seed=1).optim
+    assert (optim.epochs, optim.lr, optim.warmup_epochs, optim.warmup_lr) == (20, 0.0025, 1, 1e-5)
+    assert learning_rate(optim, 0) == 1e-5                                   # warm-up, not the base lr
+    assert math.isclose(learning_rate(optim, 1), 0.0025, rel_tol=1e-12)      # cosine starts at the base lr
+    assert math.isclose(learning_rate(optim, 2), 0.0024846104257439223, rel_tol=1e-9)
+    assert math.isclose(learning_rate(optim, 19), 6.117935463105809e-05, rel_tol=1e-9)  # never reaches 0
 
 
 # ---- view distribution --------------------------------------------------------------------------------------------

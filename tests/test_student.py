@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.config import PromptConfig
 from distill.student import Student, build_student, student_geometry
 from pipelines.presets import register_model_configs, student_spec
 
@@ -15,9 +16,14 @@ def _configs():
     register_model_configs()
 
 
-def tiny(prompt_depth=2, seed=0, **kwargs):
+def prompts(depth, n_ctx=4, **kwargs) -> PromptConfig:
+    """The same depth and token count in both towers."""
+    return PromptConfig(depth_vision=depth, depth_text=depth, n_ctx_vision=n_ctx, n_ctx_text=n_ctx, **kwargs)
+
+
+def tiny(prompt_depth=2, seed=0, n_ctx=4, classnames=None, **kwargs):
     torch.manual_seed(seed)   # prompt init draws from the caller's RNG
-    return build_student(TINY, pretrained=None, prompt_depth=prompt_depth, **kwargs)
+    return build_student(TINY, pretrained=None, prompts=prompts(prompt_depth, n_ctx, **kwargs), classnames=classnames)
 
 
 def pixels(batch=2, seed=1):
@@ -27,9 +33,9 @@ def pixels(batch=2, seed=1):
 def test_random_build_is_seeded_and_leaves_caller_rng_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = build_student(TINY, pretrained=None, prompt_depth=0)
+    a = build_student(TINY, pretrained=None, prompts=prompts(0))
     assert torch.equal(torch.get_rng_state(), before)
-    b = build_student(TINY, pretrained=None, prompt_depth=0)
+    b = build_student(TINY, pretrained=None, prompts=prompts(0))
     sa, sb = a.clip.state_dict(), b.clip.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -170,7 +176,7 @@ def test_a_non_square_student_is_refused():
 
 
 def test_bad_configurations_are_refused():
-    with pytest.raises(ValueError, match="prompt_depth"):
+    with pytest.raises(ValueError, match="depth_vision"):
         tiny(prompt_depth=4)
     with pytest.raises(ValueError, match="ctx_init"):
         tiny(prompt_depth=1, n_ctx=3)
@@ -192,7 +198,7 @@ def test_refuses_non_clip_models():
 @pytest.mark.slow
 def test_vit_b16_prompt_count_and_token_shape():
     torch.manual_seed(0)
-    student = build_student("ViT-B-16", pretrained=None, prompt_depth=9)
+    student = build_student("ViT-B-16", pretrained=None, prompts=PromptConfig())
     assert sum(p.numel() for p in student.trainable_parameters()) == 46_080   # reference §4.2
     assert student_geometry(student.clip).grid == 14
     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""`transagent sweep`: grid parsing and expansion, a cell's distill command, the process pool, a real sweep."""
+"""`transagent sweep`: grid parsing and expansion, a cell's configuration file, the process pool, a real sweep."""
 import json
+import logging
 import re
 import sys
 import time
@@ -9,20 +10,31 @@ from click.testing import CliRunner
 
 from pipelines.commands.distill import distill as distill_cli
 from pipelines.commands.sweep import sweep as sweep_cli
-from pipelines.distillation import DistillOptions, ablation_slug, run_directory
-from pipelines.sweep import (SweepError, distill_command, expand_grid, load_grid, parse_ablation, run_processes,
-                             summary_table)
+from pipelines.config.cli import layers
+from pipelines.config.distill import DistillRun, resolve, run_name
+from pipelines.distillation import run_directory
+from pipelines.sweep import (DEFAULT, SweepError, distill_command, expand_grid, load_grid, parse_ablation,
+                             run_processes, summary_table, write_cell)
+
+
+def cell(**values) -> DistillRun:
+    """A one-cell configuration of dotted keys over the defaults."""
+    return resolve(values)
 
 
 def test_parse_ablation_converts_and_checks():
-    assert parse_ablation("agents=dino,mae;lambda_vac=0.5") == {"agents": "dino,mae", "lambda_vac": 0.5}
-    assert parse_ablation("lambda-mac=0; router=noisy-linear;") == {"lambda_mac": 0.0, "router": "noisy-linear"}
-    assert parse_ablation("epochs=3;views=none") == {"epochs": 3, "views": None}
+    """Ablations are written with configuration keys or the flags' names; 'default' unsets a key for the cell."""
+    assert parse_ablation("agents=dino,mae;lambda_vac=0.5") == {"agents": "dino,mae", "loss.vac": 0.5}
+    assert parse_ablation("lambda-mac=0; router=noisy-linear;") == {"loss.mac": 0.0, "gates.router": "noisy-linear"}
+    assert parse_ablation("epochs=3;views=none;optim.lr=0.01") == {"optim.epochs": 3, "views": None, "optim.lr": 0.01}
     assert parse_ablation("agents=default;lambda_lac=default;views=default") == \
-        {"agents": "all", "lambda_lac": 25.0, "views": None}
-    for bad, message in (("device=cuda", "cannot vary per cell"), ("lambda_vac=abc", "expected float"),
-                         ("agents", "NAME=VALUE"), ("router=linear", "not one of"), ("epochs=1.5", "expected int"),
-                         ("lambda_vac=", "expected float")):
+        {"agents": DEFAULT, "loss.lac": DEFAULT, "views": DEFAULT}
+    cells = expand_grid({"ablations": ["agents=none;epochs=7", "agents=default;epochs=default"], "agents": "dino",
+                         "protocol": "fewshot"})
+    assert [(c.agents, c.optim.epochs) for c in cells] == [("none", 7), ("all", 50)]   # the protocol's epochs
+    for bad, message in (("device=cuda", "cannot vary per cell"), ("lambda_vac=abc", "expected a number"),
+                         ("agents", "NAME=VALUE"), ("router=linear", "not one of"), ("epochs=1.5", "expected an int"),
+                         ("lambda_vac=", "expected a number"), ("seeds=2", "cannot vary per cell")):
         with pytest.raises(SweepError, match=message):
             parse_ablation(bad)
 
@@ -34,9 +46,9 @@ def test_expand_grid_enumerates_every_cell_once(tmp_path):
     # "lambda_vac=1.0" is the default: the same run directories as {} -> kept once
     assert len(cells) == 2 * 2 * 3 * 3
     assert len({run_directory(c) for c in cells}) == len(cells)
-    assert [(c.dataset, c.shots, c.seed) for c in cells[:4]] == [("eurosat", 1, 1)] * 3 + [("eurosat", 1, 2)]
+    assert [(c.dataset, c.shot, c.seed) for c in cells[:4]] == [("eurosat", 1, 1)] * 3 + [("eurosat", 1, 2)]
     assert [c.agents for c in cells[:3]] == ["all", "none", "all"]
-    assert cells[2].lambda_vac == 0.5 and cells[2].epochs == 2 and cells[0].epochs == 4   # ablation over common
+    assert cells[2].loss.vac == 0.5 and cells[2].optim.epochs == 2 and cells[0].optim.epochs == 4   # over common
     assert all(c.protocol == "fewshot" and c.preset == "tiny" and c.runs_root == tmp_path for c in cells)
     with pytest.raises(SweepError, match="at least one"):
         expand_grid({"seeds": []})
@@ -49,7 +61,10 @@ def test_grid_file(tmp_path):
     path.write_text(json.dumps({"datasets": ["eurosat"], "shots": [16], "seeds": [1, 2],
                                 "ablations": [{}, {"agents": "dino,mae"}], "lambda_lac": 10, "views": 2}))
     cells = expand_grid(load_grid(path))
-    assert len(cells) == 4 and all(c.lambda_lac == 10.0 and c.views == 2 for c in cells)
+    assert len(cells) == 4 and all(c.loss.lac == 10.0 and c.views == 2 for c in cells)
+    path.write_text("datasets: [eurosat]\noptim: {epochs: 3}\nablations: ['lambda_vac=0', {loss: {mac: 0}}]\n")
+    cells = expand_grid(load_grid(path))    # YAML, sections, and ablations in either form
+    assert [(c.optim.epochs, c.loss.vac, c.loss.mac) for c in cells] == [(3, 0.0, 1.0), (3, 1.0, 0.0)]
     path.write_text(json.dumps({"datasets": ["eurosat"], "epochz": 3}))
     with pytest.raises(SweepError, match="epochz"):
         load_grid(path)
@@ -58,34 +73,31 @@ def test_grid_file(tmp_path):
         load_grid(path)
 
 
-def test_distill_command_rebuilds_the_same_cell(tmp_path):
-    """Parsing the subprocess's argv with the real `distill` command gives back every option of the cell."""
-    options = DistillOptions(dataset="dtd", data_root=tmp_path / "d", cache_root=tmp_path / "c",
-                             runs_root=tmp_path / "r", preset="tiny", agents="dino,mae", protocol="fewshot", shots=4,
-                             seed=3, lambda_vac=0.1, lambda_lac=2.5e-7, lambda_rel=0.0, lambda_mac=3.0,
-                             temperature=0.7, mac_student="logits", router="noisy-linear", views=2,
-                             layers=(3, 7, 11), epochs=5, prompt_depth=1,
-                             device="cpu", precision="fp32", workers=2, eval_initial=True, resume=True,
-                             pins={"dino": "abc", "mae": "def"})
-    command = distill_command(options, python="python")
-    assert command[:4] == ["python", "-m", "pipelines", "distill"]
-    params = distill_cli.make_context("distill", command[4:]).params
-    params["seeds"], = [[seed] for seed in params.pop("seeds")]
-    rebuilt = DistillOptions(**{**{k: v for k, v in params.items() if k != "seeds"}, "seed": params["seeds"][0],
-                                "progress": options.progress})
-    assert rebuilt == options
-    assert run_directory(rebuilt) == run_directory(options)
-    defaults = distill_command(DistillOptions())   # optional flags left out, so distill picks the protocol's
-    assert "--epochs" not in defaults and "--views" not in defaults and "--force" not in defaults
-    assert ablation_slug(DistillOptions(mac_student="logits")).startswith("mac_student-logits-")
-    assert parse_ablation("mac_student=logits") == {"mac_student": "logits"}
-    with pytest.raises(SweepError, match="mac_student: 'raw' is not one of standardized, logits"):
+def test_a_cell_file_runs_the_same_cell(tmp_path):
+    """A cell's configuration file, read back by the real `distill` command, is the cell: every setting, the same
+    run directory."""
+    options = cell(**{"dataset": "dtd", "data_root": tmp_path / "d", "cache_root": tmp_path / "c",
+                      "runs_root": tmp_path / "r", "preset": "tiny", "agents": "dino,mae", "protocol": "fewshot",
+                      "shots": (4,), "seeds": (3,), "loss.vac": 0.1, "loss.lac": 2.5e-7, "loss.rel": 0.0,
+                      "loss.mac": 3.0, "loss.temperature": 0.7, "loss.mac_student": "logits",
+                      "gates.router": "noisy-linear", "gates.hidden": 8, "views": 2, "layers": (3, 7, 11),
+                      "optim.epochs": 5, "optim.lr": 0.01, "prompts.depth_vision": 1, "prompts.n_ctx_vision": 2,
+                      "device": "cpu", "precision": "fp32", "workers": 2, "eval_initial": True,
+                      "pins": {"dino": "abc", "mae": "def"}, "report_to": "tensorboard"})
+    command = distill_command(write_cell(options, tmp_path / "cells"), resume=True, python="python")
+    assert command[:5] == ["python", "-m", "pipelines", "distill", "--config"] and command[-1] == "--resume"
+    context = distill_cli.make_context("distill", command[4:])
+    rebuilt = resolve(layers(context, DistillRun).merged())
+    assert rebuilt == options and run_directory(rebuilt) == run_directory(options)
+    assert run_name(cell(**{"loss.mac_student": "logits"})).startswith("mac_student-logits-")
+    assert parse_ablation("mac_student=logits") == {"loss.mac_student": "logits"}
+    with pytest.raises(SweepError, match="loss.mac_student: 'raw' is not one of standardized, logits"):
         parse_ablation("mac_student=raw")
 
 
 def test_dry_run_lists_cells_and_commands(tmp_path):
     runs = tmp_path / "runs"
-    finished = DistillOptions(dataset="b", shots=2, seed=1, agents="none", runs_root=runs)
+    finished = cell(dataset="b", shots=(2,), seeds=(1,), agents="none", **{"runs_root": runs})
     run_directory(finished).mkdir(parents=True)
     (run_directory(finished) / "final.json").write_text("{}")
     args = ["--datasets", "a,b", "--shots", "1,2", "--seeds", "1,2", "--ablation", "agents=none",
@@ -94,13 +106,14 @@ def test_dry_run_lists_cells_and_commands(tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if re.match(r"\s*\d+\. ", line)]
     assert len(lines) == 16 and "16 cell(s), in-process" in result.output
-    assert lines[0].endswith("a/base2novel/shots1/seed1/" + ablation_slug(DistillOptions(agents="none")))
+    assert lines[0].endswith("a/base2novel/shots1/seed1/" + run_name(cell(agents="none", shots=(1,))))
     assert sum("(finished)" in line for line in lines) == 1
-    result = CliRunner().invoke(sweep_cli, args + ["--processes", "2"])
-    assert result.output.count("-m pipelines distill") == 16 and "--lambda-mac 0.0" in result.output
+    result = CliRunner().invoke(sweep_cli, args + ["--processes", "2"])   # each cell as its --set list
+    assert result.output.count("--set dataset=") == 16 and "--set loss.mac=0.0" in result.output
     result = CliRunner().invoke(sweep_cli, ["--mac-student", "logits", "--runs-root", str(runs), "--processes", "1",
                                             "--dry-run"])
-    assert result.exit_code == 0 and "mac_student-logits-" in result.output and "--mac-student logits" in result.output
+    assert result.exit_code == 0 and "mac_student-logits-" in result.output
+    assert "--set loss.mac_student=logits" in result.output
 
 
 def test_grid_file_values_yield_to_explicit_flags(tmp_path):
@@ -110,8 +123,10 @@ def test_grid_file_values_yield_to_explicit_flags(tmp_path):
                                             "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "2 cell(s)" in result.output and "seed5" in result.output and "epochs-7" in result.output
-    result = CliRunner().invoke(sweep_cli, ["--ablation", "bogus=1", "--dry-run"])
+    result = CliRunner().invoke(sweep_cli, ["--ablation", "device=cpu", "--dry-run"])
     assert result.exit_code == 1 and "cannot vary per cell" in result.output
+    result = CliRunner().invoke(sweep_cli, ["--ablation", "bogus=1", "--dry-run"])
+    assert result.exit_code == 1 and "unknown configuration key 'bogus'" in result.output
 
 
 FAKE_DISTILL = """
@@ -130,22 +145,21 @@ directory.mkdir(parents=True, exist_ok=True)
 """
 
 
-def test_process_pool_limits_concurrency_keeps_going_and_logs(tmp_path):
+def test_process_pool_limits_concurrency_keeps_going_and_logs(tmp_path, caplog):
     marks = tmp_path / "marks"
     marks.mkdir()
     cells = expand_grid({"datasets": "eurosat", "seeds": [1, 2, 3, 4, 5], "runs_root": str(tmp_path / "runs")})
+    caplog.set_level(logging.INFO, logger="pipelines.sweep")
     done_before = cells[4]
     run_directory(done_before).mkdir(parents=True)
     (run_directory(done_before) / "final.json").write_text(json.dumps({"accuracy": {"all": 1.0}}))
     script = tmp_path / "fake_distill.py"
     script.write_text(FAKE_DISTILL)
 
-    def command(options):
-        return [sys.executable, str(script), str(run_directory(options)), str(options.seed), str(marks)]
+    def command(cell):
+        return [sys.executable, str(script), str(run_directory(cell)), str(cell.seed), str(marks)]
 
-    messages = []
-    results = run_processes(cells, 2, tmp_path / "logs", gpus=("0", "1"), echo=messages.append, command=command,
-                            poll_seconds=0.02)
+    results = run_processes(cells, 2, tmp_path / "logs", gpus=("0", "1"), command=command, poll_seconds=0.02)
     assert [r.status for r in results] == ["done", "failed", "done", "done", "exists"]
     assert results[0].accuracy == {"all": 51.0} and results[4].accuracy == {"all": 1.0}
     assert "cell 2 broke" in results[1].error and results[1].error.startswith("exit 1")
@@ -155,7 +169,7 @@ def test_process_pool_limits_concurrency_keeps_going_and_logs(tmp_path):
                  for s in (1, 2, 3, 4)]
     for start, _ in intervals:   # never more than 2 running at any start
         assert sum(s <= start < e for s, e in intervals) <= 2
-    assert sum(1 for m in messages if "started" in m) == 4
+    assert sum(1 for m in caplog.messages if "started" in m) == 4
     table = summary_table(results)
     assert "failed" in table and "all 53.00" in table and "exists" in table
 

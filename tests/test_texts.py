@@ -2,6 +2,7 @@
 generated ones on request, SD conditioned on vicuna's descriptions, the official per-dataset template elsewhere,
 and the datasets without official files. Planning only: no model is loaded here."""
 import json
+import logging
 
 import click
 import pytest
@@ -47,12 +48,20 @@ def folder_dataset(data_root):
 
 def plan(tmp_path, dataset="eurosat", agents=TEXT_AGENTS, files=None, settings=None):
     """(jobs by name, lines said); t2i agents have one job here (base2novel trains on the base class set)."""
-    lines = []
     options = ExtractOptions(dataset=dataset, data_root=tmp_path / "data", cache_root=tmp_path / "cache",
                              preset="tiny", agents=agents, shots=(1,),
-                             agent_options={name: {"descriptions": str(path)} for name, path in (files or {}).items()},
+                             descriptions={name: str(path) for name, path in (files or {}).items()},
                              agent_settings=settings or {})
-    jobs = build_jobs(options, echo=lines.append)
+    lines = []
+    said = logging.Handler()
+    said.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("pipelines.extraction")
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
+    try:
+        jobs = build_jobs(options)
+    finally:
+        logger.removeHandler(said)
     return {job.spec.name: job for job in jobs}, lines, [job.spec.name for job in jobs]
 
 

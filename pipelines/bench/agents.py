@@ -22,7 +22,7 @@ def real_size_load(name: str):
     """A loader for agent `name` that builds the real-size model with random weights, the way the agent module
     builds its tiny model (same runtime class, same resizing at load), so no checkpoint is needed."""
     from extract.agents import dino, mae, sam, vitdet
-    from extract.agents._loading import seeded
+    from extract.loading import seeded
     from extract.families.vision import IMAGENET_MEAN, IMAGENET_STD
 
     def load(request):

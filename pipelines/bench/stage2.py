@@ -80,6 +80,7 @@ def _live_trainer_class():
 def build_trainers(plan: Plan, cache_root: Path, device: str, run_dir: Path, variants=VARIANTS) -> dict:
     """One `Trainer` per variant: student (no agents), cached (every cache), live-nograd, live-official."""
     from distill.data import TeacherBank
+    from distill.config import PromptConfig, StudentConfig
     from distill.trainer import RunConfig, Trainer
 
     shapes = plan.shapes
@@ -91,9 +92,9 @@ def build_trainers(plan: Plan, cache_root: Path, device: str, run_dir: Path, var
     trainers = {}
     for variant in variants:
         config = RunConfig(dataset=BENCH_DATASET, protocol="base2novel", shots=16, seed=1,
-                           agents=[] if variant == "student" else list(ALL_AGENTS),
-                           prompt_depth=min(9, shapes.layers), student_model=shapes.student_model,
-                           student_pretrained=None, device=device)
+                           agents=() if variant == "student" else tuple(ALL_AGENTS),
+                           prompts=PromptConfig(depth_vision=min(9, shapes.layers), depth_text=min(9, shapes.layers)),
+                           student=StudentConfig(shapes.student_model, None), device=device)
         # no keys: the bench feeds batches to `step` itself, so no image is read (image_root is unused)
         args = (config, [], [], names, run_dir)
         if variant == "student":

@@ -12,9 +12,9 @@ import click
 from extract.agents import registry
 from extract.convert import converter_names, get_converter
 from pipelines import options as opt
-from pipelines.commands.extract import _parse_ints, _resolve_device
+from pipelines.devices import resolve_device
 from pipelines.datasets import DatasetError
-from pipelines.extraction import ExtractOptions
+from pipelines.config.extract import ExtractOptions
 from pipelines.presets import AGENTS, register_model_configs, resolve_agents, student_spec
 
 # Converter keyword -> the flag that sets it (the CLI spelling in errors).
@@ -71,9 +71,8 @@ def describe(spec, preset: str) -> dict:
 @agents.command()
 @click.option("--dataset", default=None,
               help="Also estimate each agent's cache for this dataset and give --forward its images.")
-@click.option("--protocol", type=click.Choice(["base2novel", "fewshot", "all"]), default="base2novel",
-              show_default=True, help="With --dataset: the training images extract would cache.")
-@click.option("--shots", default="16", show_default=True, callback=_parse_ints, help="With --dataset, e.g. 1,16.")
+@opt.extract_protocol
+@opt.shots
 @opt.seeds
 @opt.data_root
 @opt.cache_root
@@ -100,12 +99,11 @@ def check(dataset, protocol, shots, seeds, data_root, cache_root, preset, agents
     if forward and dataset is None:
         raise click.UsageError("--forward runs one batch of a dataset: give --dataset")
     if device == "auto":
-        device = _resolve_device(device)
+        device = resolve_device(device)
     dtype = compute_dtype if compute_dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     options = ExtractOptions(dataset=dataset or "", data_root=data_root, cache_root=cache_root, preset=preset,
-                             agents=agents, device=device, agent_paths=agent_paths, shots=tuple(shots),
-                             seeds=tuple(seeds), protocols=("base2novel", "fewshot") if protocol == "all" else
-                             (protocol,))
+                             agents=agents, device=device, agent_paths=agent_paths, shots=shots, seeds=seeds,
+                             protocol=protocol)
     try:
         items, skipped = plan(options, with_dataset=dataset is not None)
     except (ValueError, OSError, KeyError, DatasetError) as error:

@@ -63,12 +63,12 @@ def prepare(name, data_root, download):
 @opt.seeds
 @opt.data_root
 def fewshot(name, shots, seeds, data_root):
-    """Draw (once) or read the few-shot selections of NAME for each seed."""
+    """Draw (once) or read the few-shot selections of NAME for each shot count and seed."""
     try:
         ds = load_dataset(name, data_root)
-        for seed in seeds:
-            existed = fewshot_path(ds, shots, seed).exists()
-            selection = fewshot_selection(ds, shots, seed)
+        for k, seed in ((k, seed) for k in shots for seed in seeds):
+            existed = fewshot_path(ds, k, seed).exists()
+            selection = fewshot_selection(ds, k, seed)
             click.echo(f"{selection.path}: {len(selection.train)} train / {len(selection.val)} val keys "
                        f"({'reused' if existed else 'written'})")
     except DatasetError as error:

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROTOCOLS = ("base2novel", "fewshot", "cross", "dg")
+from pipelines.protocols import PROTOCOLS
+from pipelines.runs import configured_epochs
+
 RUN_FILES = ("final.json", "config.json", "metrics.jsonl", "checkpoint.safetensors", "checkpoint.pt")
 
 
@@ -122,7 +124,8 @@ def _read_unfinished(directory: Path, notes: list[str]) -> UnfinishedRun:
     return UnfinishedRun(directory, run.get("dataset", from_path.get("dataset", "?")),
                          run.get("protocol", from_path.get("protocol", "?")),
                          int(shots) if shots is not None else None, int(seed) if seed is not None else None,
-                         directory.name, max((int(r.get("epoch", 0)) for r in records), default=0), run.get("epochs"))
+                         directory.name, max((int(r.get("epoch", 0)) for r in records), default=0),
+                         configured_epochs(run))
 
 
 def read_metrics(path: Path, notes: list[str] | None = None) -> list[dict]:
