@@ -14,7 +14,6 @@ from extract.agents import registry
 from extract.distributed import process_group, rank_and_world
 from extract.runner import drop_keys, is_complete, planned_path, run, unreadable_images
 from extract.runner import log as journal
-from pipelines.agent_check import format_result, items_from_jobs, run_checks, summary
 from pipelines.cache_hints import explained, locked_hint
 from pipelines.config.extract import ExtractOptions
 from pipelines.datasets import DatasetError, dataset_slug, get_info, prepare
@@ -157,6 +156,8 @@ def preflight(todo: list, options: ExtractOptions) -> list:
     if options.preset == "tiny":
         log.info("agents check: the tiny preset builds every agent from its config (nothing to download or verify)")
         return todo
+    from pipelines.agent_check import format_result, items_from_jobs, run_checks, summary  # loads torch
+
     items = items_from_jobs(todo, options)
     results = run_checks(items, options, on_result=lambda result: log.info("%s", format_result(result)))
     log.info("%s", summary(results))
