@@ -1,6 +1,6 @@
 """Library messages on the command line: what the `extract` and `pipelines` loggers report, shown through click.
 
-The library says what it downloads, pins and converts through `logging`; `transagent` shows those messages on
+The library says what it downloads, pins, converts and plans through `logging`; `transagent` shows those messages on
 stderr, under torchrun on rank 0 only (every rank runs the same preparation). Library users configure logging as
 they like.
 """
@@ -11,7 +11,7 @@ import os
 
 import click
 
-LOGGERS = ("extract", "pipelines")
+LOGGERS = ("pipelines", "extract", "distill", "cache_schema")
 
 
 class ClickHandler(logging.Handler):

@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from cache_schema import CacheError
-from pipelines import console
 from pipelines import options as opt
 from pipelines import progress as bars
 from pipelines.cache_hints import explained
@@ -31,7 +30,6 @@ def distill(resume, force, stop_after_epoch, **_):
     (pipelines/configs/<protocol>.yaml), the preset's student, --config, --set and the flags. The run writes its
     resolved configuration as <run dir>/config.yaml.
     """
-    console.show_messages()
     config = resolved(click.get_current_context(), DistillRun)
     opt.require_writable(config.runs_root, "--runs-root")
     for cell in config.cells():

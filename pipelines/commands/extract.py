@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from extract.distributed import rank_and_world
-from pipelines import console
 from pipelines import options as opt
 from pipelines import progress as bars
 from pipelines.config import ConfigError
@@ -38,8 +36,6 @@ def extract(datasets, dry_run, launcher, **params):
     With --launcher submitit: one job per (dataset, agent) with incomplete caches, all into the same cache root;
     the dataset preparation, the plan, the image check, the size limit and the agents' check run here first.
     """
-    if rank_and_world()[0] == 0:   # under torchrun, rank 0 speaks for all
-        console.show_messages()
     context = click.get_current_context()
     opt.check_launcher_flags(context, launcher)
     try:

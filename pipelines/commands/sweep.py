@@ -9,7 +9,6 @@ import click
 
 from pipelines.datasets import DatasetError
 
-from pipelines import console
 from pipelines import options as opt
 from pipelines import progress as bars
 from pipelines.commands.distill import checked_device
@@ -52,7 +51,6 @@ def sweep(datasets, ablations, grid, resume, force, processes, gpus, log_dir, dr
         --ablation "agents=none" --ablation "lambda_vac=0" --ablation "agents=dino,mae;router=noisy-linear"
     transagent sweep ... --launcher submitit --slurm-partition gpu --slurm-time 4:00:00 --retries 1
     """
-    console.show_messages()
     context = click.get_current_context()
     opt.check_launcher_flags(context, launcher)
     submitit = launcher == "submitit"
