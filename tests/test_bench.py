@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipelines.bench import agents, fixtures, harness, plans, report, scaling, stage2
+from pipelines.bench import agents, fixtures, gpu, harness, plans, report, scaling, stage2
 from pipelines.bench_workers import PeakMemory
 from pipelines.cli import main
 
@@ -44,6 +44,29 @@ def test_smoke_run_writes_every_item(tmp_path):
     assert written["raw"]["extraction"]["statuses"] == ["done"] * (1 + plans.PLANS["smoke"].reps)
     assert list((tmp_path / "work").iterdir()) == []  # the scratch caches are removed
     assert "verdict" in result.output and str(out) in result.output
+
+
+def test_gpu_section_runs_its_own_code_at_tiny_shapes_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    ran = gpu.run_gpu("smoke", out, tmp_path / "work", device="cpu")
+    assert json.loads(out.read_text())["table"] == ran["table"]
+    assert set(ran["stage2"]) == set(plans.VARIANTS) and not ran["skipped"]
+    for row in ran["stage2"].values():
+        assert row["ms_per_step"]["median"] > 0 and row["images_per_second"] > 0
+    extraction = ran["extraction"]
+    assert list(extraction) == list(gpu.GPU_PLANS["smoke"].agents)
+    for agent, row in extraction.items():   # every loading path of the GPU run built its model and wrote rows
+        assert row["rows"] > 0 and set(row["statuses"]) == {"done"}, (agent, row)
+    assert extraction["dino"]["vs_forward"]["median"] > 0
+    assert "vicuna (7B" in ran["table"] and "ms/step" in ran["table"] and len(ran["table"].splitlines()) < 40
+    assert ran["preflight"]["missing"] == [] and list((tmp_path / "work").iterdir()) == []
+
+
+def test_gpu_preflight_names_the_wheels_to_carry(monkeypatch):
+    monkeypatch.setattr(gpu, "missing_libraries", lambda: ["diffusers", "open_clip"])
+    found = gpu.preflight(None)
+    assert found["missing"] == ["diffusers", "open_clip"]
+    assert "pip download -d wheels diffusers open_clip_torch" in found["carry"] and "--wheels" in found["carry"]
 
 
 def test_interleaved_alternates_order_after_each_variants_warmup():
