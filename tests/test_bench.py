@@ -62,6 +62,21 @@ def test_gpu_section_runs_its_own_code_at_tiny_shapes_on_the_cpu(tmp_path):
     assert ran["preflight"]["missing"] == [] and list((tmp_path / "work").iterdir()) == []
 
 
+def test_gpu_extraction_goes_on_past_a_failing_or_unavailable_agent(tmp_path, monkeypatch):
+    def extract(gplan, spec, *args):
+        if spec.name == "bert":
+            raise RuntimeError("CUDA out of memory")
+        return {"rows": 2, "ms_per_row": 1.0, "statuses": ["done"]}
+
+    monkeypatch.setattr(gpu, "_extract_agent", extract)
+    saved = []
+    out = gpu.extraction_per_agent(gpu.GPU_PLANS["smoke"], tmp_path, "cpu", {"missing": ["diffusers"]},
+                                   float("inf"), saved.append)
+    assert out["bert"]["failed"] == "RuntimeError: CUDA out of memory"
+    assert out["sd"] == out["pixart"] == {"skipped": "missing diffusers"}
+    assert out["dino"]["rows"] == out["blip2"]["rows"] == 2 and len(saved) == 4   # saved after each agent run
+
+
 def test_gpu_preflight_names_the_wheels_to_carry(monkeypatch):
     monkeypatch.setattr(gpu, "missing_libraries", lambda: ["diffusers", "open_clip"])
     found = gpu.preflight(None)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,20 +151,18 @@ def _free(device: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- extraction
 
-def extraction_per_agent(gplan: GpuPlan, work: Path, device: str, found: dict, deadline: float) -> dict:
-    """Every agent but the 7B ones through `run_agent` at `gplan.dtype`; vision agents against the bare forward."""
-    from extract.runner import run_agent
-    from pipelines.bench.extraction import extract_job, extraction_vs_forward, timed_loader
+def extraction_per_agent(gplan: GpuPlan, work: Path, device: str, found: dict, deadline: float,
+                         save: Callable[[dict], None]) -> dict:
+    """Every agent of the plan through `run_agent` at `gplan.dtype`; vision agents against the bare forward.
+    `save(out)` after each agent: a run cut short keeps what it measured."""
     from pipelines.bench.fixtures import classnames, write_images
     from pipelines.bench.zoo import NEEDS, random_spec
 
-    plan = gplan.stage2
-    shapes = plan.shapes
     images = work / "images"
     keys = write_images(images, gplan.images, (320, 240))
     descriptions = work / "descriptions.json"
     descriptions.write_text(json.dumps({name: [f"a photo of a {name}, a kind of thing.", f"a {name}."]
-                                        for name in classnames(shapes)}))
+                                        for name in classnames(gplan.stage2.shapes)}))
     out = {}
     for agent in gplan.agents:
         lacking = _lacks(found, ("zarr", *NEEDS.get(agent, ("transformers",))))
@@ -171,61 +170,77 @@ def extraction_per_agent(gplan: GpuPlan, work: Path, device: str, found: dict, d
             out[agent] = {"skipped": f"missing {', '.join(lacking)}" if lacking else "time budget"}
             continue
         logger.info("[gpu] extraction: %s", agent)
-        spec = random_spec(agent, shapes.real)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        if spec.family == "vision":
-            raw = extraction_vs_forward(plan, work / agent, device, agent, gplan.dtype, spec)
-            rows = raw["rows"]
-            ratios = [forward / extract for forward, extract in
-                      zip(raw["forward_seconds"], raw["extract_steady_seconds"], strict=True)]
-            out[agent] = {"rows": rows, "ms_per_row": 1e3 * median(raw["extract_steady_seconds"]) / rows,
-                          "forward_ms_per_row": 1e3 * median(raw["forward_seconds"]) / rows,
-                          "vs_forward": Spread.of(ratios).to_dict(), "statuses": raw["statuses"],
-                          "model_build_seconds": median(raw["model_build_seconds"])}
-        else:
-            timed, load_seconds = timed_loader(spec)
-            options = {"descriptions": str(descriptions)} if agent == "gpt3" else {}
-            job = extract_job(timed, shapes, images, keys, 1, plan.extract_batch, device, gplan.dtype, options)
-            start = time.perf_counter()
-            report = run_agent(job, work / agent / "cache", progress=False)
-            seconds = time.perf_counter() - start - load_seconds[0]
-            out[agent] = {"rows": report.rows, "ms_per_row": 1e3 * seconds / max(report.rows, 1),
-                          "statuses": [report.status], "model_build_seconds": load_seconds[0],
-                          "error": report.error}
+        try:
+            out[agent] = _extract_agent(gplan, random_spec(agent, gplan.stage2.shapes.real), work / agent, images,
+                                        keys, device, descriptions)
+        except Exception as error:  # noqa: BLE001 - one agent's failure must not lose the others' figures
+            out[agent] = {"failed": f"{type(error).__name__}: {error}"[:500]}
         out[agent]["max_memory_allocated"] = int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") \
             else None
         shutil.rmtree(work / agent, ignore_errors=True)
         _free(device)
+        save(out)
     return out
+
+
+def _extract_agent(gplan: GpuPlan, spec, work: Path, images: Path, keys: list[str], device: str,
+                   descriptions: Path) -> dict:
+    from extract.runner import run_agent
+    from pipelines.bench.extraction import extract_job, extraction_vs_forward, timed_loader
+
+    plan = gplan.stage2
+    if spec.family == "vision":
+        raw = extraction_vs_forward(plan, work, device, spec.name, gplan.dtype, spec)
+        rows = raw["rows"]
+        ratios = [forward / extract for forward, extract in
+                  zip(raw["forward_seconds"], raw["extract_steady_seconds"], strict=True)]
+        return {"rows": rows, "ms_per_row": 1e3 * median(raw["extract_steady_seconds"]) / rows,
+                "forward_ms_per_row": 1e3 * median(raw["forward_seconds"]) / rows,
+                "vs_forward": Spread.of(ratios).to_dict(), "statuses": raw["statuses"],
+                "model_build_seconds": median(raw["model_build_seconds"])}
+    timed, load_seconds = timed_loader(spec)
+    options = {"descriptions": str(descriptions)} if spec.name == "gpt3" else {}
+    job = extract_job(timed, plan.shapes, images, keys, 1, plan.extract_batch, device, gplan.dtype, options)
+    start = time.perf_counter()
+    report = run_agent(job, work / "cache", progress=False)
+    seconds = time.perf_counter() - start - sum(load_seconds)
+    return {"rows": report.rows, "ms_per_row": 1e3 * seconds / max(report.rows, 1), "statuses": [report.status],
+            "model_build_seconds": sum(load_seconds), "error": report.error}
 
 
 # ---------------------------------------------------------------------------------------------------- the script
 
 def run_gpu(plan_name: str = "gpu", output: Path = Path("bench/gpu.json"), work_dir: Path | None = None,
             device: str = "cuda", wheels: Path | None = None) -> dict:
-    """The GPU section end to end; writes `output` and returns the report (its "table" is the one screen)."""
+    """The GPU section end to end; writes `output` after every part and returns the report (its "table" is the
+    one screen)."""
     gplan = GPU_PLANS[plan_name]
-    plan = gplan.stage2
     started = time.perf_counter()
-    deadline = started + gplan.budget_seconds
     wheels = wheels or (Path(os.environ[WHEELS_ENV]) if os.environ.get(WHEELS_ENV) else None)
     found = preflight(wheels)
     report = {"schema": 1, "plan": gplan.name, "device": device, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "preflight": found, "machine": machine(), "dtype": gplan.dtype, "shapes": plan.shapes.describe(),
-              "settings": dataclasses.asdict(gplan), "skipped": {}}
+              "preflight": found, "machine": machine(), "dtype": gplan.dtype,
+              "shapes": gplan.stage2.shapes.describe(), "settings": dataclasses.asdict(gplan), "skipped": {}}
+
+    def save(part: str | None = None, value=None) -> None:
+        if part is not None:
+            report[part] = value
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["table"] = gpu_table(report)
+        write_json(output, report)
+
     if device.startswith("cuda") and not found["cuda"]:
         report["skipped"]["everything"] = "no CUDA device"
     else:
-        _run_parts(gplan, device, found, deadline, report, work_dir)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    report["table"] = gpu_table(report)
-    write_json(output, report)
+        _run_parts(gplan, device, found, started + gplan.budget_seconds, report, work_dir, save)
+    save()
     return report
 
 
-def _run_parts(gplan: GpuPlan, device: str, found: dict, deadline: float, report: dict, work_dir: Path | None):
-    plan = gplan.stage2
+def _run_parts(gplan: GpuPlan, device: str, found: dict, deadline: float, report: dict, work_dir: Path | None,
+               save: Callable) -> None:
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="transagent-gpu-bench-", dir=work_dir))
@@ -234,27 +249,43 @@ def _run_parts(gplan: GpuPlan, device: str, found: dict, deadline: float, report
         if lacking:
             report["skipped"]["stage2"] = f"missing {', '.join(lacking)}"
         else:
-            from pipelines.bench.agents import register_tiny
-            from pipelines.bench.fixtures import write_student_images, write_synthetic_caches
-            from pipelines.bench.harness import Context
-            from pipelines.bench.loader import loader_epochs, loader_results
-
-            register_tiny(plan.shapes)
-            caches = write_synthetic_caches(scratch / "caches", plan.shapes, plan.cache_rows)
-            context = Context(plan, scratch, device, scratch / "caches", caches,
-                              write_student_images(scratch / "images", plan.shapes, plan.cache_rows))
-            (scratch / "runs").mkdir()
-            logger.info("[gpu] stage-2 steps")
-            report["stage2"] = stage2_steps(plan, gplan.steps, context.cache_root, device, scratch / "runs")
-            if gplan.loader and time.perf_counter() < deadline:
-                logger.info("[gpu] stage-2 loader")
-                raw = loader_epochs(plan, context)
-                report["loader"] = {"raw": raw, "results": [r.to_dict() for r in loader_results(device, raw)]}
-            elif gplan.loader:
-                report["skipped"]["loader"] = "time budget"
-        report["extraction"] = extraction_per_agent(gplan, scratch / "extract", device, found, deadline)
+            _stage2_parts(gplan, device, deadline, report, scratch, save)
+        report["extraction"] = extraction_per_agent(gplan, scratch / "extract", device, found, deadline,
+                                                    lambda out: save("extraction", out))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stage2_parts(gplan: GpuPlan, device: str, deadline: float, report: dict, scratch: Path, save: Callable):
+    from pipelines.bench.agents import register_tiny
+    from pipelines.bench.fixtures import write_student_images, write_synthetic_caches
+    from pipelines.bench.harness import Context
+    from pipelines.bench.loader import loader_epochs, loader_results
+
+    plan = gplan.stage2
+    register_tiny(plan.shapes)
+    caches = write_synthetic_caches(scratch / "caches", plan.shapes, plan.cache_rows)
+    context = Context(plan, scratch, device, scratch / "caches", caches,
+                      write_student_images(scratch / "images", plan.shapes, plan.cache_rows))
+    (scratch / "runs").mkdir()
+    logger.info("[gpu] stage-2 steps")
+    try:
+        save("stage2", stage2_steps(plan, gplan.steps, context.cache_root, device, scratch / "runs"))
+    except Exception as error:  # noqa: BLE001 - the extraction figures still come when stage 2 fails
+        report["skipped"]["stage2"] = f"failed: {type(error).__name__}: {error}"[:500]
+    _free(device)
+    if not gplan.loader:
+        return
+    if time.perf_counter() > deadline:
+        report["skipped"]["loader"] = "time budget"
+        return
+    logger.info("[gpu] stage-2 loader")
+    try:
+        raw = loader_epochs(plan, context)
+        save("loader", {"raw": raw, "results": [r.to_dict() for r in loader_results(device, raw)]})
+    except Exception as error:  # noqa: BLE001 - as above
+        report["skipped"]["loader"] = f"failed: {type(error).__name__}: {error}"[:500]
+    _free(device)
 
 
 def gpu_table(report: dict) -> str:
@@ -281,8 +312,9 @@ def gpu_table(report: dict) -> str:
         lines += ["", f"{'extraction':<10} {'rows':>5} {'ms/row':>8} {'rows/s':>8} {'max allocated':>14}  "
                       "extract / bare forward"]
         for agent, row in extraction.items():
-            if "skipped" in row:
-                lines.append(f"{agent:<10} skipped: {row['skipped']}")
+            if "skipped" in row or "failed" in row:
+                lines.append(f"{agent:<10} " + (f"skipped: {row['skipped']}" if "skipped" in row else
+                                                f"FAILED: {row['failed'][:100]}"))
                 continue
             ratio = row.get("vs_forward")
             versus = f"{ratio['median']:.2f}x ({ratio['low']:.2f}-{ratio['high']:.2f}), target >= 0.95" if ratio \

@@ -48,7 +48,8 @@ NOT_OPTIONS = ("grid", "processes", "gpus", "log_dir", "dry_run", "launcher", *L
 @click.option("--prompt-depth", type=click.IntRange(0), default=None, help="Default: 9 (3 for cross/dg).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Image-loading processes.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Loader processes building whole batches (images and teacher rows).")
 @click.option("--eval-initial", is_flag=True, help="Also evaluate the prompts before training (epoch 0).")
 @click.option("--resume", is_flag=True, help="Continue interrupted cells from their last checkpoint.")
 @click.option("--force", is_flag=True, help="Delete existing run directories of the cells and start over.")
