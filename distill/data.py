@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cache_schema import (AmbiguousCacheError, CacheError, CacheReader, MissingRowsError, ViewSpec, apply_view,
-                          dequantize_int8, list_caches, select_cache, view_params)
+                          dequantize_int8, list_caches, select_cache)
 from cache_schema.manifest import Manifest
 from cache_schema.views import IMAGE_DECODING_VERSION, load_rgb
 
@@ -121,7 +121,7 @@ class TeacherBank:
 
         Tokens stay in the cache's 16 bits (int8 caches are dequantised to float16): a batch of four ViT-B/16
         agents is 58 MB instead of 116 MB, and the loss widens one layer at a time."""
-        rows = list(zip(keys, views))
+        rows = list(zip(keys, views, strict=True))
         tokens, means = {}, {}
         for name, reader in self.vision.items():
             values = reader.read("tokens", rows)
@@ -304,22 +304,3 @@ def student_pixels(image, params, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np
     view = np.asarray(apply_view(image, params, size), dtype=np.float32) / 255.0
     return ((view - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)).transpose(2, 0, 1)
 
-
-class ViewImages:
-    """A map-style dataset over (key, view id, label) triples: the student's pixels for each, as a tensor."""
-
-    def __init__(self, image_root, items: list[tuple[str, int, int]], size: int, view_spec: ViewSpec,
-                 mean=CLIP_MEAN, std=CLIP_STD):
-        self.image_root, self.items, self.size, self.view_spec = image_root, items, size, view_spec
-        self.mean, self.std = mean, std
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        import torch
-
-        key, view, label = self.items[index]
-        image = load_image(self.image_root, key)
-        params = view_params(key, view, image.width, image.height, self.view_spec)
-        return torch.from_numpy(student_pixels(image, params, self.size, self.mean, self.std)), label, index

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from distill import checkpoints
+from distill.batches import EpochOrder, StudentBatches, batch_loader, teacher_rows, to_device
 from distill.config import DistillConfig, OptimConfig
-from distill.data import CLIP_MEAN, CLIP_STD, TeacherBank, ViewImages, load_image, student_pixels
+from distill.data import CLIP_MEAN, CLIP_STD, TeacherBank, load_image, student_pixels
 from distill.gates import build_gates
 from distill.losses import distill_loss
 from distill.student import build_student
@@ -141,27 +142,22 @@ class Trainer:
         from tqdm import tqdm
 
         metrics_path = metrics_path or self.run_dir / "metrics.jsonl"
+        order = EpochOrder(self.config.optim.batch_size)
+        loader = self.batch_loader(order)
         while self.epoch < self.config.optim.epochs:
             if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
                 return
             lr = learning_rate(self.config.optim, self.epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            items = epoch_items(self.keys, self.labels, self.views, self.config.seed, self.epoch)
-            loader = torch.utils.data.DataLoader(
-                ViewImages(self.image_root, items, self.student.geometry.image_size, self.view_spec, self.mean,
-                           self.std),
-                batch_size=self.config.optim.batch_size, shuffle=False,
-                drop_last=len(items) >= self.config.optim.batch_size,
-                num_workers=self.config.workers)
+            order.items = self.epoch_order()
             self.student.train()
             self.gates.train()
             bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.optim.epochs}", disable=not self.progress,
                        leave=False)
             records = []
-            for step, (pixels, batch_labels, indices) in enumerate(bar):
-                batch = [items[int(i)] for i in indices]
-                logged = self.step(pixels, batch_labels, batch)
+            for step, batch in enumerate(bar):
+                logged = self.step(batch.pixels, batch.labels, batch.items, batch.rows)
                 records.append({"epoch": self.epoch + 1, "step": step, "lr": lr, **logged})
                 bar.set_postfix(loss=f"{logged['total']:.3f}")
             self.epoch += 1
@@ -172,11 +168,25 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(records)
 
-    def step(self, pixels, labels, batch) -> dict:
+    def batch_loader(self, order: EpochOrder) -> torch.utils.data.DataLoader:
+        """The loader of whole batches in `order` (`distill.batches`), built once per `fit`."""
+        dataset = StudentBatches(self.image_root, self.student.geometry.image_size, self.view_spec, self.bank,
+                                 self.mean, self.std)
+        return batch_loader(dataset, order, self.config.workers, self.device)
+
+    def epoch_order(self) -> list[tuple[str, int, int]]:
+        """This epoch's items. One draw of the global torch RNG per epoch, as a DataLoader built for each epoch made
+        it: the gates' noise comes from that RNG, so the draw keeps every result (the loader has its own generator)."""
+        torch.empty((), dtype=torch.int64).random_()
+        return epoch_items(self.keys, self.labels, self.views, self.config.seed, self.epoch)
+
+    def step(self, pixels, labels, batch, rows: dict | None = None) -> dict:
+        """One optimisation step on `batch`'s (key, view id, label) items; `rows` are its teacher rows when the
+        loader read them (`distill.batches.teacher_rows`), else the step reads them."""
         keys = [key for key, _, _ in batch]
         views = [view for _, view, _ in batch]
-        pixels, labels = pixels.to(self.device), labels.to(self.device)
-        inputs = self.teacher_inputs(keys, views)
+        pixels, labels = pixels.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        inputs = self.teacher_inputs(keys, views) if rows is None else self.device_inputs(rows)
         with self.autocast:
             text_features = self.student.encode_text(self.classnames)
             image_features, tokens = self.student.encode_image(pixels, return_tokens=bool(self.bank.vision))
@@ -200,20 +210,19 @@ class Trainer:
         return logged
 
     def teacher_inputs(self, keys, views) -> dict:
+        """Every teacher input of the batch, on the device, read now."""
+        return self.device_inputs(teacher_rows(self.bank, keys, views))
+
+    def device_inputs(self, rows: dict) -> dict:
+        """The batch's teacher rows on the device, with the class features every batch shares."""
         def tensor(array):
             return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-        inputs = {}
-        if self.bank.vision:
-            tokens, means = self.bank.vision_batch(keys, views)
-            inputs["vision_tokens"] = {name: tensor(value) for name, value in tokens.items()}
-            inputs["vision_token_means"] = {name: tensor(value) for name, value in means.items()}
+        inputs = to_device(rows, self.device)
         if self.bank.language:
             inputs["language_features"] = {name: tensor(value) for name, value in self.bank.language.items()}
         if self.bank.relational:
             inputs["bert_features"] = tensor(next(iter(self.bank.relational.values())))
-        if self.bank.multimodal:
-            inputs["mm_scores"] = {name: tensor(value) for name, value in self.bank.multimodal_batch(keys).items()}
         return inputs
 
 

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from extract.agents import dino, get_agent, mae, sam, vitdet
+from extract.loading import seeded
+from extract.agents.base import LoadRequest, Source
+from extract.families.vision import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.bench.fixtures import student_info
 from pipelines.bench.plans import VISION_AGENTS, Shapes
+from pipelines.presets import register_model_configs
 
 # Real-size configurations (the published models' shapes); weights are random, built locally, seeded.
 VIT_B16_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -21,13 +26,17 @@ VITDET_B_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_h
 def real_size_load(name: str):
     """A loader for agent `name` that builds the real-size model with random weights, the way the agent module
     builds its tiny model (same runtime class, same resizing at load), so no checkpoint is needed."""
-    from extract.agents import dino, mae, sam, vitdet
-    from extract.loading import seeded
-    from extract.families.vision import IMAGENET_MEAN, IMAGENET_STD
-
     def load(request):
-        from transformers import SamVisionConfig, ViTConfig, ViTMAEConfig, ViTModel, ViTMAEModel, VitDetConfig, \
-            VitDetModel
+        # transformers is imported by the variants that run agents only: the others' peak memory leaves it out
+        from transformers import (
+            SamVisionConfig,
+            ViTConfig,
+            VitDetConfig,
+            VitDetModel,
+            ViTMAEConfig,
+            ViTMAEModel,
+            ViTModel,
+        )
         from transformers.models.sam.modeling_sam import SamVisionEncoder
 
         source = {"source": "bench: random weights at real size", "seed": request.seed}
@@ -53,9 +62,6 @@ def real_size_load(name: str):
 
 def agent_spec(name: str, shapes: Shapes):
     """The registry's AgentSpec; at real shapes its loader builds random real-size weights instead of downloading."""
-    from extract.agents import get_agent
-    from extract.agents.base import Source
-
     spec = get_agent(name)
     if not shapes.real:
         return spec
@@ -67,8 +73,6 @@ def agent_dtype(device: str) -> str:
 
 
 def vision_runtimes(shapes: Shapes, device: str) -> dict:
-    from extract.agents.base import LoadRequest
-
     request = LoadRequest(tiny=not shapes.real, student=student_info(shapes), device=device,
                           dtype=agent_dtype(device))
     return {name: agent_spec(name, shapes).load(request) for name in VISION_AGENTS}
@@ -76,6 +80,4 @@ def vision_runtimes(shapes: Shapes, device: str) -> dict:
 
 def register_tiny(shapes: Shapes) -> None:
     if not shapes.real:
-        from pipelines.presets import register_model_configs
-
         register_model_configs()

@@ -1,4 +1,5 @@
-"""Extraction: `run_agent` against the bare forward, and a repeated `extract` over a complete cache."""
+"""Extraction: `run_agent` against the bare forward on the same batches, and a repeated `extract` over a complete
+cache in a fresh process."""
 from __future__ import annotations
 
 import contextlib
@@ -11,57 +12,73 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
+from cache_schema import apply_view, view_params
+from extract.agents.base import LoadRequest
+from extract.families import ExtractContext
+from extract.families.vision import normalise_pixels
+from extract.runner import AgentJob, needed_rows, run_agent
 from pipelines.bench.agents import agent_dtype, agent_spec
 from pipelines.bench.fixtures import classnames, student_info, write_images
-from pipelines.bench.harness import interleaved, median, ratio, run_worker, synchronizer
+from pipelines.bench.harness import Context, Spread, interleaved, median, ratio_spread, run_worker, synchronizer
 from pipelines.bench.plans import BENCH_DATASET, BENCH_SPLIT, TEMPLATE, Plan, Shapes
 from pipelines.bench.report import Result
 from pipelines.bench.stage2 import vision_row_bytes
+from pipelines.cli import main
+from pipelines.datasets import make_synthetic
 
 
-def _extract_job(spec, shapes: Shapes, image_root: Path, keys: list[str], views: int, batch: int, device: str):
-    from extract.agents.base import LoadRequest
-    from extract.families import ExtractContext
-    from extract.runner import AgentJob
+def measure(context: Context) -> tuple[dict, list[Result]]:
+    """Item 3: one vision agent's extraction against its bare forward."""
+    raw = extraction_vs_forward(context.plan, context.scratch / "extract", context.device)
+    return raw, extraction_results(context.device, raw)
 
+
+def measure_repeat(context: Context) -> tuple[dict, list[Result]]:
+    """Item 3b: `extract` again over complete caches, in fresh processes."""
+    raw = repeat_extract(context.plan, context.scratch / "repeat")
+    return raw, repeat_results(raw)
+
+
+def extract_job(spec, shapes: Shapes, image_root: Path, keys: list[str], views: int, batch: int, device: str,
+                dtype: str | None = None, options: dict | None = None) -> AgentJob:
     student = student_info(shapes)
     ctx = ExtractContext(dataset=BENCH_DATASET, image_root=image_root, keys=keys, classnames=classnames(shapes),
                          template=TEMPLATE, student=student, split_hash=BENCH_SPLIT, views=views,
-                         batch_size=batch, device=device)
-    request = LoadRequest(tiny=not shapes.real, student=student, device=device, dtype=agent_dtype(device))
+                         batch_size=batch, device=device, options=dict(options or {}))
+    request = LoadRequest(tiny=not shapes.real, student=student, device=device, dtype=dtype or agent_dtype(device),
+                          options=dict(options or {}))
     return AgentJob(spec, ctx, request)
 
 
-def extraction_vs_forward(plan: Plan, work: Path, device: str) -> dict:
-    """Item 3: `run_agent` for one vision agent (dino) / the bare forward (`block_outputs`) on the same batches.
+def timed_loader(spec):
+    """(spec whose loader records its own build time, the list of those times): a model build is a one-off."""
+    seconds: list[float] = []
+
+    def load(request):
+        start = time.perf_counter()
+        runtime = spec.load(request)
+        seconds.append(time.perf_counter() - start)
+        return runtime
+
+    return dataclasses.replace(spec, load=load), seconds
+
+
+def extraction_vs_forward(plan: Plan, work: Path, device: str, agent: str = "dino", dtype: str | None = None,
+                          spec=None) -> dict:
+    """Item 3: `run_agent` for one vision agent / its bare forward (`block_outputs`) on the same batches.
 
     The one-off model build is timed by wrapping the loader and reported apart; the throughput compared is the
     runner's steady state (images decoded, views cut, forward, normalise, fp16, rows written and journalled)."""
-    import torch
-
-    from extract.families.vision import normalise_pixels
-    from extract.runner import needed_rows, run_agent
-    from cache_schema import apply_view, view_params
-    from PIL import Image
-
     shapes = plan.shapes
-    cuda = device.startswith("cuda")
-    rows = plan.gpu_extract_rows if cuda else plan.extract_rows
-    batch_size = plan.gpu_extract_batch if cuda else plan.extract_batch
+    rows, batch_size = plan.extract_rows, plan.extract_batch
     image_root = work / "extract-images"
     keys = write_images(image_root, rows // 2, (320, 240))
-    base_spec = agent_spec("dino", shapes)
-    load_seconds: list[float] = []
-
-    def timed_load(request):
-        start = time.perf_counter()
-        runtime = base_spec.load(request)
-        load_seconds.append(time.perf_counter() - start)
-        return runtime
-
-    spec = dataclasses.replace(base_spec, load=timed_load)
-    job = _extract_job(spec, shapes, image_root, keys, 2, batch_size, device)
+    base_spec = spec or agent_spec(agent, shapes)
+    timed, load_seconds = timed_loader(base_spec)
+    job = extract_job(timed, shapes, image_root, keys, 2, batch_size, device, dtype)
     runtime = base_spec.load(job.request)          # the bare forward's copy of the same model
     ordered = needed_rows(job)
     batches = []
@@ -85,24 +102,20 @@ def extraction_vs_forward(plan: Plan, work: Path, device: str) -> dict:
             for pixels in batches:
                 runtime.block_outputs(pixels)
 
-    times = interleaved({"extract": extract, "forward": bare}, plan.extract_reps, {"extract": 1, "forward": 1},
-                        sync)
+    times = interleaved({"extract": extract, "forward": bare}, plan.reps, {"extract": 1, "forward": 1}, sync)
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
     # each extract call built its model once: subtract that call's own build time (warm-up call first)
-    steady = [seconds - load for seconds, load in zip(times["extract"], load_seconds[1:])]
-    return {"rows": rows, "batch": batch_size, "row_bytes": vision_row_bytes(shapes),
-            "extract_seconds": times["extract"],
-            "model_build_seconds": load_seconds[1:], "extract_steady_seconds": steady,
-            "forward_seconds": times["forward"], "statuses": [r.status for r in reports]}
+    steady = [seconds - load for seconds, load in zip(times["extract"], load_seconds[1:], strict=True)]
+    return {"agent": agent, "rows": rows, "batch": batch_size, "row_bytes": vision_row_bytes(shapes),
+            "extract_seconds": times["extract"], "model_build_seconds": load_seconds[1:],
+            "extract_steady_seconds": steady, "forward_seconds": times["forward"],
+            "statuses": [r.status for r in reports], "peak_gpu_bytes": max(r.peak_gpu_bytes for r in reports)}
 
 
 def repeat_extract(plan: Plan, work: Path) -> dict:
     """Item 3b: `transagent extract` again over a complete cache, each in a fresh process, against the start-up
     floor of `transagent --help` in a fresh process."""
-    from pipelines.cli import main
-    from pipelines.datasets import make_synthetic
-
     data, cache = work / "repeat-data", work / "repeat-cache"
     make_synthetic(data)
     agents = "dino" if plan.name == "smoke" else "all"
@@ -137,8 +150,9 @@ def extraction_results(device: str, extraction: dict) -> list[Result]:
                "model_build_seconds": median(extraction["model_build_seconds"]),
                "end_to_end_rows_per_second": median(rows / s for s in extraction["extract_seconds"])}
     overhead_ms = 1e3 * (1 / details["extract_rows_per_second"] - 1 / details["forward_rows_per_second"])
+    spread = ratio_spread(extract_rate, forward_rate)
     return [Result(3, "extract_vs_forward", "extract images/s (dino) / bare forward images/s",
-                   ratio(extract_rate, forward_rate), "x", ">= 0.9", device,
+                   spread.median, "x", ">= 0.9", device,
                    f"{overhead_ms:.0f} ms of CPU work per row around the forward: image decoding and cropping, "
                    "token normalisation, the fp16 conversion (numpy astype), sha256 checksums and writes of "
                    f"{extraction['row_bytes'] / 1e6:.2g} MB rows, and per-run costs (creating and finalising the "
@@ -146,18 +160,19 @@ def extraction_results(device: str, extraction: dict) -> list[Result]:
                    ("the GPU forward is fast next to this CPU work" if device.startswith("cuda") else
                     "on a CPU-only machine the background writer shares the cores the forward uses, so its work "
                     "adds to the forward instead of overlapping it"),
-                   details)]
+                   details, spread)]
 
 
 def repeat_results(repeat: dict) -> list[Result]:
     details = {k: v for k, v in repeat.items() if not k.endswith("output")}
     details["help_median_seconds"] = median(repeat["help_seconds"])
     loaded = repeat["torch_imported"] or repeat["transformers_imported"]
+    again = Spread.of(repeat["again_seconds"])
     return [
         Result(3, "repeat_extract_seconds", f"repeat `extract`, complete cache ({repeat['agents']} agents), "
-               "fresh process", median(repeat["again_seconds"]), "s", "< 3", "cpu",
+               "fresh process", again.median, "s", "< 3", "cpu",
                f"Python start-up and CLI imports: `transagent --help` alone takes "
-               f"{details['help_median_seconds']:.2f} s here", details),
+               f"{details['help_median_seconds']:.2f} s here", details, again),
         Result(3, "repeat_extract_model_loaded", "repeat `extract` imported torch or transformers",
                float(loaded), "flag", "<= 0", "cpu",
                "a complete cache must be recognised from its JSON files alone, before any model code", details),

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import torch
+
+DISTRIBUTIONS = {"open_clip": "open_clip_torch", "transformers": "transformers", "diffusers": "diffusers",
+                 "zarr": "zarr", "h5py": "h5py"}
 
 
 def machine() -> dict:
     """What the numbers were measured on: CPU model and cores, memory, library versions, the GPU if any."""
-    import torch
-
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -27,14 +30,17 @@ def machine() -> dict:
     info = {
         "cpu": model, "cpu_count": os.cpu_count(), "usable_cores": usable, "torch_threads": torch.get_num_threads(),
         "memory_bytes": _meminfo("MemTotal"), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": np.__version__, "load_average_at_start": _load_average(),
+        "torch": torch.__version__, "numpy": np.__version__, "load_average_at_start": load_average(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    for package in ("open_clip", "transformers", "zarr", "h5py"):
+    for name, distribution in DISTRIBUTIONS.items():   # read from the installed metadata: nothing is imported
         try:
-            info[package] = __import__(package).__version__
-        except Exception:  # noqa: BLE001 - versions are informational
-            info[package] = None
+            info[name] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            info[name] = None
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
     return info
 
 
@@ -48,7 +54,7 @@ def _meminfo(field_name: str) -> int | None:
     return None
 
 
-def _load_average() -> list[float] | None:
+def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -46,37 +46,28 @@ TINY = Shapes("TransAgent-Tiny-CLIP", 32, 8, 64, 3, real=False)
 class Plan:
     name: str
     shapes: Shapes
-    warmup: int                  # warm-up steps of the student-only and cached variants
-    live_warmup: int             # warm-up steps of each live variant
-    reps: int                    # item 1: timed rounds of (student-only, cached)
-    live_reps: int               # item 2: timed rounds of (cached, live no_grad, live official-style)
-    memory_steps: int            # steps in each fresh memory process
-    cache_rows: int              # rows per synthetic vision / t2i / i2t cache
-    extract_rows: int            # item 3: rows (= images x 2 views) per extraction
+    reps: int                    # rounds of every interleaved comparison (>= MIN_REPETITIONS but in "smoke")
+    warmup: int                  # calls of each variant before its timed rounds
+    memory_steps: int            # timed steps of each fresh memory process, after one warm-up step
+    cache_rows: int              # rows per synthetic cache of the stage-2 steps
+    loader_steps: int            # steps per epoch of the loader comparison
+    extract_rows: int            # rows (= images x 2 views) per extraction
     extract_batch: int
-    extract_reps: int            # item 3: timed rounds (after one warm-up round)
-    read_batches: int            # item 4: random batches per reader
+    read_rows: int               # rows of the cache the reads draw from: a real cache's count of row files
+    read_batches: int            # batches per reader per round
     scaling_rows: tuple[int, ...]
-    repeat_runs: int             # item 3b: fresh `extract` processes over a complete cache
-    memory_variants: tuple[str, ...] = VARIANTS
-    gpu_warmup: int = 3
-    gpu_reps: int = 10
-    gpu_extract_rows: int = 128
-    gpu_extract_batch: int = 32
+    repeat_runs: int             # fresh `extract` processes over a complete cache
+    memory_variants: tuple[str, ...] = ("student", "cached", "live-official")
 
 
 PLANS = {
-    "full": Plan("full", VIT_B16, warmup=1, live_warmup=1, reps=5, live_reps=3, memory_steps=2, cache_rows=32,
-                 extract_rows=64,
-                 extract_batch=8, extract_reps=3, read_batches=200, scaling_rows=(100, 1_000, 10_000),
-                 repeat_runs=3),
-    "quick": Plan("quick", VIT_B16, warmup=1, live_warmup=0, reps=3, live_reps=1, memory_steps=1, cache_rows=8,
-                  extract_rows=32,
-                  extract_batch=8, extract_reps=1, read_batches=50, scaling_rows=(100, 1_000), repeat_runs=1,
-                  gpu_reps=5),
-    # tiny shapes, one step of everything: the harness's own test (tests/test_bench.py)
-    "smoke": Plan("smoke", TINY, warmup=0, live_warmup=0, reps=1, live_reps=1, memory_steps=1, cache_rows=8,
-                  extract_rows=4, extract_batch=2, extract_reps=1, read_batches=5, scaling_rows=(8, 16), repeat_runs=1,
-                  memory_variants=("cached",), gpu_warmup=0, gpu_reps=1, gpu_extract_rows=4,
-                  gpu_extract_batch=2),
+    "full": Plan("full", VIT_B16, reps=5, warmup=1, memory_steps=5, cache_rows=32, loader_steps=3, extract_rows=64,
+                 extract_batch=8, read_rows=1280, read_batches=20, scaling_rows=(100, 1_000, 10_000), repeat_runs=5),
+    "quick": Plan("quick", VIT_B16, reps=5, warmup=1, memory_steps=5, cache_rows=8, loader_steps=2, extract_rows=32,
+                  extract_batch=8, read_rows=1024, read_batches=10, scaling_rows=(100, 1_000), repeat_runs=5,
+                  memory_variants=("student", "cached")),
+    # tiny shapes, everything once or twice: the harness's own test (tests/test_bench.py)
+    "smoke": Plan("smoke", TINY, reps=2, warmup=1, memory_steps=1, cache_rows=8, loader_steps=2, extract_rows=4,
+                  extract_batch=2, read_rows=16, read_batches=2, scaling_rows=(8, 16), repeat_runs=1,
+                  memory_variants=("cached",)),
 }

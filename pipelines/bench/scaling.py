@@ -7,27 +7,35 @@ import shutil
 import time
 from pathlib import Path
 
+from cache_schema import ArraySpec
+from extract.agents import get_agent
+from extract.runner import run_agent
 from pipelines.bench.agents import register_tiny
-from pipelines.bench.extraction import _extract_job
+from pipelines.bench.extraction import extract_job
 from pipelines.bench.fixtures import write_images
+from pipelines.bench.harness import Context
 from pipelines.bench.plans import TINY, Plan
 from pipelines.bench.report import Result
 
 
+def measure(context: Context) -> tuple[dict, list[Result]]:
+    """Item 5: cache growth of a tiny agent, and the size of one real-shape vision row."""
+    table = scaling(context.plan, context.scratch / "scaling")
+    real_row = payload_per_row(context.caches["dino"]) if context.plan.shapes.real else None
+    return {"table": table}, scaling_results(table, real_row)
+
+
 def scaling(plan: Plan, work: Path) -> list[dict]:
     """Item 5: the tiny dino agent through `run_agent` for N rows (N/4 images x 4 views): time and bytes."""
-    from extract.agents import get_agent
-    from extract.runner import run_agent
-
     register_tiny(TINY)
     views = 4
     image_root = work / "scaling-images"
     keys = write_images(image_root, max(plan.scaling_rows) // views, (48, 40), suffix=".png")
-    run_agent(_extract_job(get_agent("dino"), TINY, image_root, keys[:2], views, 16, "cpu"), work / "warm-up",
+    run_agent(extract_job(get_agent("dino"), TINY, image_root, keys[:2], views, 16, "cpu"), work / "warm-up",
               progress=False)   # one-off imports and first-call costs stay out of the first row of the table
     table = []
     for rows in plan.scaling_rows:
-        job = _extract_job(get_agent("dino"), TINY, image_root, keys[:rows // views], views, 16, "cpu")
+        job = extract_job(get_agent("dino"), TINY, image_root, keys[:rows // views], views, 16, "cpu")
         cache_root = work / f"scaling-cache-{rows}"
         start = time.perf_counter()
         report = run_agent(job, cache_root, progress=False)
@@ -36,7 +44,7 @@ def scaling(plan: Plan, work: Path) -> list[dict]:
         table.append({"rows": report.rows, "seconds": seconds, "rows_per_second": report.rows / seconds,
                       "bytes": apparent, "bytes_on_disk": allocated, "files": files,
                       "bytes_per_row": apparent / report.rows, "disk_bytes_per_row": allocated / report.rows,
-                      "payload_bytes_per_row": _payload_per_row(Path(report.cache))})
+                      "payload_bytes_per_row": payload_per_row(Path(report.cache))})
         shutil.rmtree(cache_root, ignore_errors=True)
     return table
 
@@ -52,9 +60,7 @@ def _disk_usage(path: Path) -> tuple[int, int, int]:
     return apparent, allocated, files
 
 
-def _payload_per_row(cache: Path) -> int:
-    from cache_schema import ArraySpec
-
+def payload_per_row(cache: Path) -> int:
     manifest = json.loads((cache / "manifest.json").read_text())
     return sum(ArraySpec.from_dict(spec).row_bytes for spec in manifest["arrays"].values())
 

@@ -70,7 +70,8 @@ class DistillRun(DistillConfig):
     cache_root: Path = common.cache_root()
     runs_root: Path = common.runs_root()
     device: str = common.device()
-    workers: int = setting(0, "Image-loading processes.", flag="--workers", min=0)
+    workers: int = setting(0, "Loader processes building whole batches (images and teacher rows).", flag="--workers",
+                           min=0)
     report_to: str = setting("", "Also send metrics.jsonl's records, the accuracies and the configuration to these "
                                  "trackers (TensorBoard: <run dir>/tensorboard/; wandb is an extra).",
                              flag="--report-to", check=_report_to, metavar="tensorboard[,wandb]")
