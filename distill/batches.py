@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from cache_schema import CacheError, CacheReader, ViewSpec, view_params
+from cache_schema.manifest import Manifest
 from distill.data import CLIP_MEAN, CLIP_STD, TeacherBank, load_image, student_pixels
 
 Item = tuple[str, int, int]   # (key, view id, label)
@@ -140,5 +141,8 @@ class ReopeningReader:
         self._arrays, self._digest = tuple(state["arrays"]), state["digest"]
 
 
-def manifest_digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+def manifest_digest(manifest: Manifest) -> str:
+    """What identifies a complete cache's content: its fingerprint, segments and every file's checksum."""
+    content = {"fingerprint": manifest.fingerprint, "rows": manifest.rows, "segments": manifest.segments,
+               "checksums": manifest.checksums}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 
 class PeakMemory:
@@ -113,11 +113,12 @@ def memory(args) -> dict:
 
 
 def extract_again(argv: list[str]) -> dict:
-    """`transagent extract ARGV` in this process; captures its output."""
+    """`transagent extract ARGV` in this process; captures its output (the plan's lines are log messages, on
+    stderr)."""
     from pipelines.cli import main
 
     captured = io.StringIO()
-    with redirect_stdout(captured):
+    with redirect_stdout(captured), redirect_stderr(captured):
         main(argv, standalone_mode=False)
     return {"torch_imported": "torch" in sys.modules, "transformers_imported": "transformers" in sys.modules,
             "output": captured.getvalue()}

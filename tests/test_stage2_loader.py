@@ -8,6 +8,7 @@ import torch
 
 from cache_schema import CacheError, CacheReader, ViewSpec
 from distill.batches import EpochOrder, ReopeningReader, StudentBatches, batch_loader
+from distill.config import OptimConfig, PromptConfig, StudentConfig
 from distill.trainer import RunConfig, Trainer
 from pipelines.bench.agents import register_tiny
 from pipelines.bench.fixtures import (cache_keys, classnames, open_bank, write_student_images,
@@ -30,9 +31,10 @@ def root(tmp_path_factory):
 
 def trainer(root, run_dir, workers: int) -> Trainer:
     run_dir.mkdir()
-    config = RunConfig(dataset=BENCH_DATASET, protocol="base2novel", shots=16, seed=1, agents=list(AGENTS),
-                       prompt_depth=TINY.layers, student_model=TINY.student_model, student_pretrained=None,
-                       device="cpu", workers=workers, epochs=2, batch_size=4)
+    config = RunConfig(dataset=BENCH_DATASET, protocol="base2novel", shots=16, seed=1, agents=AGENTS,
+                       prompts=PromptConfig(depth_vision=TINY.layers, depth_text=TINY.layers),
+                       student=StudentConfig(TINY.student_model, None), optim=OptimConfig(epochs=2, batch_size=4),
+                       device="cpu", workers=workers)
     return Trainer(config, cache_keys(ROWS), [i % TINY.classes for i in range(ROWS)], classnames(TINY),
                    root / "images", open_bank(root / "caches", TINY, AGENTS), run_dir, progress=False)
 

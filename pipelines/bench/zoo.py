@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from extract.agents import bert, blip2, get_agent, pixart, sd
-from extract.agents._loading import torch_dtype
+from extract.loading import torch_dtype
 from extract.agents.base import AgentSpec, LoadRequest, Source
 from pipelines.bench.agents import real_size_load
 from pipelines.bench.plans import VISION_AGENTS
