@@ -17,7 +17,7 @@ SEEDS_CSV = $(subst $(eval) ,$(comma),$(strip $(SEEDS)))
 SHOTS_CSV = $(subst $(eval) ,$(comma),$(strip $(SHOTS)))
 comma := ,
 
-.PHONY: help install demo extract distill sweep test report bench
+.PHONY: help install demo extract distill sweep test lint report bench
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ report: install  ## results tables (markdown + CSV) and plots from runs/
 
 test: install  ## the fast test suite
 	$(PY) -m pytest -m "not slow" -q
+
+lint: install  ## ruff (rules and line length in pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 bench: install  ## performance benchmarks -> bench/results.json + a table (QUICK=1: the few-minute version)
 	$(TRANSAGENT) bench $(if $(QUICK),--quick)

@@ -1,8 +1,8 @@
-"""Library messages on the command line: what the `extract` and `pipelines` loggers report, shown through click.
+"""Library messages on the command line: what our packages' loggers report, shown through click.
 
-The library says what it downloads, pins, converts and plans through `logging`; `transagent` shows those messages on
-stderr, under torchrun on rank 0 only (every rank runs the same preparation). Library users configure logging as
-they like.
+The library says what it downloads, pins, converts and plans through `logging`; `transagent` shows those messages
+(warnings on stderr), under torchrun on rank 0 only (every rank runs the same preparation). Library users configure
+logging as they like.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ LOGGERS = ("pipelines", "extract", "distill", "cache_schema")
 
 
 class ClickHandler(logging.Handler):
-    """A record's message through click.echo to stderr, the stream looked up when written (click's test runner
-    swaps it)."""
+    """A record's message through click.echo: INFO on stdout with the command's own lines, warnings and errors on
+    stderr; the stream is looked up when written (click's test runner swaps it)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            click.echo(self.format(record), err=True)
+            click.echo(self.format(record), err=record.levelno >= logging.WARNING)
         except Exception:  # noqa: BLE001 - logging's contract: a failing handler reports the failure, never raises
             self.handleError(record)
 

@@ -32,7 +32,7 @@ def fake_eurosat(data_root, per_split=(3, 2, 2), classes=EUROSAT_FOLDERS, indent
     split = {"train": [], "val": [], "test": []}
     for label, folder in enumerate(classes):
         index = 0
-        for name, count in zip(split, per_split):
+        for name, count in zip(split, per_split, strict=True):
             for _ in range(count):
                 key = f"{folder}/{folder}_{index}.jpg"
                 touch(root / "2750" / key)
@@ -116,7 +116,7 @@ def test_label_gap(tmp_path):
     root = fake_eurosat(tmp_path)
     split = json.loads((root / "split_zhou_EuroSAT.json").read_text())
     for name in split:
-        split[name] = [[k, 10 if l == 9 else l, c] for k, l, c in split[name]]
+        split[name] = [[k, 10 if label == 9 else label, c] for k, label, c in split[name]]
     (root / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
     with pytest.raises(DatasetError, match=r"label\(s\) \[9\] never occur"):
         load_dataset("eurosat", tmp_path)
@@ -323,12 +323,12 @@ def test_synthetic_classes_are_separable_by_colour():
         salient = (pixels.max(1) - pixels.min(1) > 60) | (pixels.min(1) > 150)
         return pixels[salient].mean(0)
 
-    train = np.array([foreground_colour(k, l) for k, l, _ in split["train"]])
-    train_labels = np.array([l for _, l, _ in split["train"]])
+    train = np.array([foreground_colour(k, label) for k, label, _ in split["train"]])
+    train_labels = np.array([label for _, label, _ in split["train"]])
     means = np.stack([train[train_labels == c].mean(0) for c in range(10)])
-    test = np.array([foreground_colour(k, l) for k, l, _ in split["test"]])
+    test = np.array([foreground_colour(k, label) for k, label, _ in split["test"]])
     predicted = ((test[:, None] - means[None]) ** 2).sum(-1).argmin(1)
-    assert (predicted == np.array([l for _, l, _ in split["test"]])).all()
+    assert (predicted == np.array([label for _, label, _ in split["test"]])).all()
     assert len(set(class_names(100))) == 100
 
 

@@ -93,7 +93,8 @@ def test_ablations_reuse_the_caches_and_never_import_stage_one(workspace):
     assert output.returncode == 0, output.stderr[-3000:]
     assert "IMPORTED []" in output.stdout
     assert cache_dirs(workspace) == before
-    slugs = sorted(p.name for p in (workspace / "ablations" / "synthetic" / "base2novel" / "shots4" / "seed1").iterdir())
+    seed_dir = workspace / "ablations" / "synthetic" / "base2novel" / "shots4" / "seed1"
+    slugs = sorted(p.name for p in seed_dir.iterdir())
     assert len(slugs) == 2 and all("agents-dino+sd" in s or "lvac-0.5" in s for s in slugs)
 
 

@@ -3,8 +3,9 @@ between agents, and bad inputs (unknown agent, size limit, missing descriptions,
 
 Runs use --batch-size 3, which does not divide the row counts: the runner batches rows on fixed boundaries of each
 segment, so a resumed run computes every row in the same batch as an uninterrupted one and must reproduce it bit
-for bit (batch composition changes the last bits of padded text encoders). Torch runs on one thread here and in the subprocesses: thread counts change some reductions' rounding, and two OpenMP threads on a
-busy 2-core machine make the tiny models' many small ops tens of times slower.
+for bit (batch composition changes the last bits of padded text encoders). Torch runs on one thread here and in the
+subprocesses: thread counts change some reductions' rounding, and two OpenMP threads on a busy 2-core machine make
+the tiny models' many small ops tens of times slower.
 """
 import errno
 import json

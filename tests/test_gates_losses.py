@@ -98,7 +98,7 @@ def test_build_gates_shapes_and_state_dict():
     fresh = build_gates("mlp", vision_agents=VISION, vision_dim=D, student_layers=LAYERS, language_agents=LANGUAGE,
                         language_dim=32, multimodal_agents=MULTIMODAL, num_classes=C)
     fresh.load_state_dict(gates.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), gates.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), gates.state_dict().values(), strict=True))
     assert gates.describe()["vision_agents"] == VISION
     noisy = gates_for("noisy-linear")
     assert isinstance(noisy.language, NoisyLinearRouter)
@@ -126,7 +126,7 @@ def test_gate_errors():
 def test_agent_layer_map():
     assert agent_layer_map(12, 12) == list(range(12))
     assert agent_layer_map(3, 12) == [3, 7, 11]
-    assert agent_layer_map(12, 24) == [2 * l + 1 for l in range(12)]
+    assert agent_layer_map(12, 24) == [2 * layer + 1 for layer in range(12)]
     assert agent_layer_map(4, 6) == [1, 2, 4, 5]                      # 1.5 -> 2, 4.5 -> 5 (halves round up)
     small = agent_layer_map(12, 3)
     assert small[-1] == 2 and min(small) == 0 and small == sorted(small)

@@ -44,7 +44,7 @@ def test_tensorboard_holds_the_metrics_records_across_a_resume(tmp_path):
     steps = [(r["epoch"] - 1) * per_epoch + r["step"] for r in records]
     assert sorted({r["epoch"] for r in records}) == [1, 2] and steps == list(range(len(records)))
     for tag, key in (("loss/total", "total"), ("loss/ce", "ce"), ("train/lr", "lr")):   # float32 in the events
-        assert found[tag] == [(step, np.float32(r[key])) for step, r in zip(steps, records)], tag
+        assert found[tag] == [(step, np.float32(r[key])) for step, r in zip(steps, records, strict=True)], tag
     assert {tag for tag in found if not tag.startswith("accuracy/")} == {"loss/total", "loss/ce", "train/lr"}
     accuracy = json.loads((run_dir / "final.json").read_text())["accuracy"]
     assert {tag: values for tag, values in found.items() if tag.startswith("accuracy/")} == \
@@ -53,7 +53,8 @@ def test_tensorboard_holds_the_metrics_records_across_a_resume(tmp_path):
     # gate weights keep their names; an unknown or missing tracker is a clear error
     assert scalars({"epoch": 1, "step": 0, "lr": 0.1, "mac": 0.5, "gate/vision/dino": 0.25}) == \
         {"train/lr": 0.1, "loss/mac": 0.5, "gate/vision/dino": 0.25}
-    assert parse_report_to("TensorBoard, wandb,tensorboard") == ("tensorboard", "wandb") and parse_report_to("none") == ()
+    assert parse_report_to("TensorBoard, wandb,tensorboard") == ("tensorboard", "wandb")
+    assert parse_report_to("none") == ()
     with pytest.raises(TrackingError, match="mlflow"):
         parse_report_to("tensorboard,mlflow")
     result = CliRunner().invoke(main, ["distill", "--report-to", "mlflow"])
@@ -106,7 +107,8 @@ def test_runs_ls_reads_every_state_and_survives_hostile_files(tmp_path):
         directory = runs / "eurosat" / "base2novel" / "shots16" / f"seed{name}" / "default"
         directory.mkdir(parents=True)
         for file, content in files.items():
-            (directory / file.replace("_", ".")).write_text(content if isinstance(content, str) else json.dumps(content))
+            text = content if isinstance(content, str) else json.dumps(content)
+            (directory / file.replace("_", ".")).write_text(text)
         return directory
 
     run("1", final_json={"dataset": "eurosat", "protocol": "base2novel", "shots": 16, "seed": 1, "ablation": "default",

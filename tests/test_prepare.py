@@ -238,8 +238,8 @@ def test_the_cli_shows_library_messages_on_the_first_rank_only(monkeypatch, caps
         show_library_messages()
         logging.getLogger("pipelines.datasets.preparation").info("eurosat: downloading 2750/")
         logging.getLogger("extract.weights").warning("mae: pinned")
-        err = capsys.readouterr().err
-        assert ("eurosat: downloading 2750/" in err) == shown and err.count("mae: pinned") == 1   # one handler
+        out, err = capsys.readouterr()
+        assert ("eurosat: downloading 2750/" in out) == shown and err.count("mae: pinned") == 1   # one handler
 
 
 def test_make_extract_prepares_before_torchrun_starts():

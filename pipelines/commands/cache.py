@@ -61,7 +61,7 @@ def ls(cache_root, dataset, agent, as_json):
     listed = list_caches(cache_root, dataset, agent)
     found = [summary(path, manifest) for path, manifest in listed]
     if as_json:
-        for (path, _), row in zip(listed, found):
+        for (path, _), row in zip(listed, found, strict=True):
             click.echo(json.dumps({**row, "path": str(path)}, sort_keys=True))
         return
     if not found:

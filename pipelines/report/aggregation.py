@@ -12,11 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.protocols import PROTOCOLS
 from pipelines.report.runs import ReportError, Run, read_json
 
 PUBLISHED_PATH = Path(__file__).parent.parent / "published.json"
 PAPER_METHOD = "TransAgent"
-SECTIONS = ("base2novel", "fewshot", "cross", "dg")
+SECTIONS = PROTOCOLS
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 AVERAGE = "Average"
 
