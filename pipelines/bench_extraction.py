@@ -102,20 +102,21 @@ def extraction_figures(quick: bool = False, shapes: Shapes = VIT_B16, work: Path
         runtime = DinoRuntime(ViTModel(shapes.config(), add_pooling_layer=False), shapes.student(),
                               mean=vision.IMAGENET_MEAN, std=vision.IMAGENET_STD)
         job = _job(runtime, shapes, work / "images", settings)
-        stages = stage_costs(runtime, job, work / "stages", settings.reps)
+        stages, cpu = stage_costs(runtime, job, work / "stages", settings.reps)
         ratio = extraction_vs_forward(runtime, job, work / "caches", settings.reps)
-    outside = [sum(rep) for rep in zip(*(stages[name] for name in (*LOADER_STAGES, *WRITER_STAGES)), strict=True)]
-    total = spread(outside)
+    total = spread(_totals(stages))
+    total["cpu_median"] = statistics.median(_totals(cpu))
     return {
         "shapes": {**dataclasses.asdict(shapes), "tokens": (shapes.image_size // shapes.patch_size) ** 2 + 1,
                    "stored_dtype": "float16"},
         "rows": settings.rows, "batch": settings.batch, "reps": settings.reps,
-        "stages_ms_per_row": {name: {**spread(values), "thread": _thread(name)}
-                              for name, values in stages.items() if name not in ("post", "forward")},
+        "stages_ms_per_row": {name: {**spread(stages[name]), "cpu_median": statistics.median(cpu[name]),
+                                     "thread": _thread(name)} for name in (*LOADER_STAGES, *WRITER_STAGES)},
         "outside_forward_ms_per_row": total,
         "target_ms_per_row": TARGET_MS_PER_ROW,
         "target": verdict(total, TARGET_MS_PER_ROW),
-        "model_thread_ms_per_row": {"post": spread(stages["post"]), "forward": spread(stages["forward"])},
+        "model_thread_ms_per_row": {name: {**spread(stages[name]), "cpu_median": statistics.median(cpu[name])}
+                                    for name in ("post", "forward")},
         "extraction_vs_forward": ratio,
         "load_average": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
@@ -123,19 +124,22 @@ def extraction_figures(quick: bool = False, shapes: Shapes = VIT_B16, work: Path
     }
 
 
-def stage_costs(runtime, job: AgentJob, root: Path, reps: int) -> dict[str, list[float]]:
-    """ms per row of each stage over one batch, per repetition (the first of reps + 1 is a warm-up, dropped)."""
+def stage_costs(runtime, job: AgentJob, root: Path, reps: int) -> tuple[dict[str, list[float]], dict]:
+    """ms per row of each stage over one batch, per repetition (the first of reps + 1 is a warm-up, dropped): wall
+    time, and CPU time of this process (all its threads; other processes' load does not count)."""
     ctx = job.ctx
     rows = needed_rows(job)[:ctx.batch_size]
     keys = sorted({key for key, _ in rows})
     specs = vision.arrays(runtime, ctx)
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
 
     @contextmanager
     def stage(name):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         yield
         times.setdefault(name, []).append((time.perf_counter() - start) * 1000 / len(rows))
+        cpu.setdefault(name, []).append((time.process_time() - start_cpu) * 1000 / len(rows))
 
     for rep in range(reps + 1):
         with stage("decode"):
@@ -162,8 +166,14 @@ def stage_costs(runtime, job: AgentJob, root: Path, reps: int) -> dict[str, list
         cache.create_segments()
         with cache.segment_writer(segment) as writer, stage("write"):
             writer.write(local, stored)
-        times["write"][-1] -= times["hash"][-1]     # SegmentWriter.write hashes as it writes
-    return {name: values[1:] for name, values in times.items()}
+        for measured in (times, cpu):
+            measured["write"][-1] -= measured["hash"][-1]     # SegmentWriter.write hashes as it writes
+    return {name: values[1:] for name, values in times.items()}, {name: values[1:] for name, values in cpu.items()}
+
+
+def _totals(stages: dict[str, list[float]]) -> list[float]:
+    """Per repetition, the sum of the stages around the forward (loader worker and writer thread)."""
+    return [sum(rep) for rep in zip(*(stages[name] for name in (*LOADER_STAGES, *WRITER_STAGES)), strict=True)]
 
 
 def _post(encoded) -> dict[str, np.ndarray]:
@@ -231,7 +241,7 @@ def verdict(figure: dict, target: float) -> str:
 def format_figures(figures: dict) -> str:
     """A short table of the figures, for the terminal."""
     lines = [f"extraction, ms per row ({figures['rows']} rows, batch {figures['batch']}, {figures['reps']} rounds; "
-             "median [min-max])"]
+             "wall median [min-max], CPU median)"]
     for name, figure in figures["stages_ms_per_row"].items():
         lines.append(f"  {name:<10} {figure['thread']:<14} {_range(figure)}")
     total = figures["outside_forward_ms_per_row"]
@@ -248,7 +258,8 @@ def format_figures(figures: dict) -> str:
 
 
 def _range(figure: dict) -> str:
-    return f"{figure['median']:8.2f} [{figure['min']:.2f}-{figure['max']:.2f}]"
+    cpu = f"  cpu {figure['cpu_median']:.2f}" if "cpu_median" in figure else ""
+    return f"{figure['median']:8.2f} [{figure['min']:.2f}-{figure['max']:.2f}]{cpu}"
 
 
 def _thread(stage: str) -> str:
