@@ -2,6 +2,7 @@
 
 No timing assertions: the numbers depend on the machine. The real-shape run is `make bench` (`transagent bench`).
 """
+import dataclasses
 import json
 import time
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipelines.bench import agents, fixtures, gpu, harness, plans, report, scaling, stage2
+from extract.agents.base import LoadRequest
+from pipelines.bench import agents, fixtures, gpu, harness, plans, report, scaling, stage2, zoo
 from pipelines.bench_workers import PeakMemory
 from pipelines.cli import main
 
@@ -50,7 +52,7 @@ def test_gpu_section_runs_its_own_code_at_tiny_shapes_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     ran = gpu.run_gpu("smoke", out, tmp_path / "work", device="cpu")
     assert json.loads(out.read_text())["table"] == ran["table"]
-    assert set(ran["stage2"]) == set(plans.VARIANTS) and not ran["skipped"]
+    assert list(ran["stage2"]) == list(gpu.GPU_PLANS["smoke"].variants) and not ran["skipped"]
     for row in ran["stage2"].values():
         assert row["ms_per_step"]["median"] > 0 and row["images_per_second"] > 0
     extraction = ran["extraction"]
@@ -62,6 +64,14 @@ def test_gpu_section_runs_its_own_code_at_tiny_shapes_on_the_cpu(tmp_path):
     assert ran["preflight"]["missing"] == [] and list((tmp_path / "work").iterdir()) == []
 
 
+def test_zoo_builders_make_each_agents_runtime_from_its_tiny_configuration():
+    request = LoadRequest(tiny=True, student=fixtures.student_info(plans.TINY), device="cpu", dtype="bfloat16")
+    agents.register_tiny(plans.TINY)
+    for name in zoo.BUILDERS:   # the GPU section builds these at real size with the same code
+        runtime = zoo.random_spec(name, real=False).load(request)
+        assert type(runtime).__module__ == f"extract.agents.{name}", name
+
+
 def test_gpu_extraction_goes_on_past_a_failing_or_unavailable_agent(tmp_path, monkeypatch):
     def extract(gplan, spec, *args):
         if spec.name == "bert":
@@ -70,11 +80,11 @@ def test_gpu_extraction_goes_on_past_a_failing_or_unavailable_agent(tmp_path, mo
 
     monkeypatch.setattr(gpu, "_extract_agent", extract)
     saved = []
-    out = gpu.extraction_per_agent(gpu.GPU_PLANS["smoke"], tmp_path, "cpu", {"missing": ["diffusers"]},
-                                   float("inf"), saved.append)
+    plan = dataclasses.replace(gpu.GPU_PLANS["smoke"], agents=("dino", "bert", "sd", "pixart", "blip2"))
+    out = gpu.extraction_per_agent(plan, tmp_path, "cpu", {"missing": ["diffusers"]}, float("inf"), saved.append)
     assert out["bert"]["failed"] == "RuntimeError: CUDA out of memory"
     assert out["sd"] == out["pixart"] == {"skipped": "missing diffusers"}
-    assert out["dino"]["rows"] == out["blip2"]["rows"] == 2 and len(saved) == 4   # saved after each agent run
+    assert out["dino"]["rows"] == out["blip2"]["rows"] == 2 and len(saved) == 3   # saved after each agent run
 
 
 def test_gpu_preflight_names_the_wheels_to_carry(monkeypatch):

@@ -66,8 +66,8 @@ PLANS = {
     "quick": Plan("quick", VIT_B16, reps=5, warmup=1, memory_steps=5, cache_rows=8, loader_steps=2, extract_rows=32,
                   extract_batch=8, read_rows=1024, read_batches=10, scaling_rows=(100, 1_000), repeat_runs=5,
                   memory_variants=("student", "cached")),
-    # tiny shapes, everything once or twice: the harness's own test (tests/test_bench.py)
-    "smoke": Plan("smoke", TINY, reps=2, warmup=1, memory_steps=1, cache_rows=8, loader_steps=2, extract_rows=4,
+    # tiny shapes, everything once: the harness's own test (tests/test_bench.py)
+    "smoke": Plan("smoke", TINY, reps=1, warmup=0, memory_steps=1, cache_rows=8, loader_steps=2, extract_rows=4,
                   extract_batch=2, read_rows=16, read_batches=2, scaling_rows=(8, 16), repeat_runs=1,
                   memory_variants=("cached",)),
 }
