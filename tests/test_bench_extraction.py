@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines.bench_extraction import TINY, Settings, extraction_figures, format_figures, verdict
+from pipelines.bench.extraction_rows import TINY, Settings, extraction_figures, format_figures, verdict
 
 STAGES = {"decode": "loader worker", "view": "loader worker", "normalise": "loader worker",
           "fp16": "writer thread", "hash": "writer thread", "write": "writer thread"}

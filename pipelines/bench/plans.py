@@ -58,6 +58,7 @@ class Plan:
     scaling_rows: tuple[int, ...]
     repeat_runs: int             # fresh `extract` processes over a complete cache
     memory_variants: tuple[str, ...] = ("student", "cached", "live-official")
+    row_costs: bool = True       # extraction's CPU work per row by stage (ms; pipelines.bench.extraction_rows)
 
 
 PLANS = {
@@ -69,5 +70,5 @@ PLANS = {
     # tiny shapes, everything once: the harness's own test (tests/test_bench.py)
     "smoke": Plan("smoke", TINY, reps=1, warmup=0, memory_steps=1, cache_rows=8, loader_steps=2, extract_rows=4,
                   extract_batch=2, read_rows=16, read_batches=2, scaling_rows=(8, 16), repeat_runs=1,
-                  memory_variants=("cached",)),
+                  memory_variants=("cached",), row_costs=False),
 }

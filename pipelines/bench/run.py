@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.bench import extraction, loader, reads, scaling, stage2
+from pipelines.bench import extraction, extraction_rows, loader, reads, scaling, stage2
 from pipelines.bench.agents import register_tiny
 from pipelines.bench.fixtures import write_student_images, write_synthetic_caches
 from pipelines.bench.harness import Context
@@ -29,6 +29,7 @@ SECTIONS: dict[str, Section] = {
     "stage2": stage2.measure,
     "extraction": extraction.measure,
     "repeat_extract": extraction.measure_repeat,
+    "extraction_rows": extraction_rows.measure,
     "cache_reads": reads.measure,
     "scaling": scaling.measure,
 }

@@ -48,6 +48,8 @@ from extract.agents.dino import DinoRuntime
 from extract.families import ExtractContext
 from extract.families import vision
 from extract.runner import AgentJob, needed_rows, run_agent
+from pipelines.bench.harness import Spread
+from pipelines.bench.report import Result
 
 TARGET_MS_PER_ROW = 10.0          # issue 15: the per-row work outside the forward, for a ViT-B/16 vision row
 LOADER_STAGES = ("decode", "view", "normalise")
@@ -223,6 +225,24 @@ def interleaved(runs: dict, reps: int) -> dict[str, list[float]]:
             runs[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def measure(context) -> tuple[dict, list]:
+    """The `transagent bench` section: the per-row CPU work outside the forward (ViT-B/16 vision row) and the
+    extraction / bare forward ratio, at the quick plan's size unless the plan is the full one."""
+    if not context.plan.row_costs:
+        return {"skipped": f"the {context.plan.name} plan measures no row costs"}, []
+    figures = extraction_figures(quick=context.plan.name != "full", work=context.scratch / "extraction-rows")
+    total, ratio = figures["outside_forward_ms_per_row"], figures["extraction_vs_forward"]["steady"]
+    stages = ", ".join(f"{name} {figure['median']:.2f}" for name, figure in figures["stages_ms_per_row"].items())
+    return figures, [
+        Result(3, "extract_row_cpu_ms", "extraction CPU work per ViT-B/16 row outside the forward (loader workers "
+               "+ writer thread)", total["median"], "ms", f"<= {TARGET_MS_PER_ROW:g}", "cpu",
+               f"ms per row by stage: {stages}", {"min": total["min"], "max": total["max"]},
+               Spread.of([total["min"], total["median"], total["max"]])),
+        Result(3, "extract_rows_vs_forward", "extraction rows/s / bare forward rows/s (steady state)",
+               ratio["median"], "x", "", "cpu", "", {"ratios": ratio["ratios"]}, Spread.of(ratio["ratios"])),
+    ]
 
 
 def spread(values) -> dict:
