@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from pipelines.presets import student_spec
 
-from cache_schema.student import StudentGrid
 
-STUDENT = StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
+STUDENT = student_spec("tiny")
 MAE_WIDTH, MAE_DEPTH, MAE_PATCH, MAE_GRID = 128, 2, 8, 4
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cache_schema.student import StudentGrid
 from extract.agents import get_agent
 from extract.agents.base import LoadRequest, Source
 from extract.families import ExtractContext
 from extract.families import t2i
+from pipelines.presets import student_spec
 
-STUDENT = StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
+STUDENT = student_spec("tiny")
 CLASSNAMES = ["Annual Crop Land", "Forest", "Highway or Road", "River", "Sea or Lake"]
 TEMPLATE = "a centered satellite photo of {}."
 SIZES = [(40, 28), (25, 36), (32, 32)]  # non-square images exercise the view-0 centre crop

@@ -14,15 +14,15 @@ from agent_checkpoints import MAE_GRID as GRID
 from agent_checkpoints import MAE_PATCH as PATCH
 from agent_checkpoints import MAE_WIDTH as WIDTH
 from agent_checkpoints import official_mae_weights as official_weights
-from cache_schema.student import StudentGrid
 from extract.agents import LoadRequest, Source, get_agent
 from extract.loading import WeightsMismatch, recording
 from extract.convert import get_converter
 from extract.convert.mae import convert
 from pipelines.cli import main
+from pipelines.presets import student_spec
 
 HEADS = WIDTH // 64  # MAE's ViTs have heads of 64
-STUDENT = StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
+STUDENT = student_spec("tiny")
 
 
 def reference_blocks(weights, pixels):

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from cache_schema.student import StudentGrid
 from extract.agents import get_agent
 from extract.agents.base import LoadRequest, Source
 from extract.agents.shikra import build_tiny
 from extract.convert import get_converter
 from extract.convert.shikra import LANGUAGE_DIR, MANIFEST, apply_delta, convert, load_converted
+from pipelines.presets import student_spec
 
-STUDENT = StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
+STUDENT = student_spec("tiny")
 ADDED_TOKENS = ["<im_start>", "<im_end>", "<im_patch>"]  # Shikra adds tokens: its embeddings have extra rows
 
 

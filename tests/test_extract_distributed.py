@@ -13,7 +13,6 @@ import time
 import numpy as np
 import psutil
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cache_schema import AgentCache, ArraySpec, CacheReader, verify
@@ -60,12 +59,7 @@ def assert_same_caches(expected_root, actual_root):
         assert (actual[name] / "rows.json").read_bytes() == (path / "rows.json").read_bytes(), name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

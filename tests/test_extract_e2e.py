@@ -79,12 +79,7 @@ def assert_same_caches(expected_root, actual_root, agents=AGENTS):
 THREADS = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def subprocess_env() -> dict:

@@ -14,14 +14,14 @@ from PIL import Image
 from cache_schema import AgentCache, ArraySpec
 from cache_schema.backends import RowWriter
 from cache_schema.lock import WriterLock, current_holder
-from cache_schema.student import StudentGrid
 from extract.agents import LoadRequest, get_agent
 from extract.families import ExtractContext, vision
 from extract.runner import AgentJob, run_agent
 from extract.runner.inputs import prefetched
 from extract.runner.monitoring import waiting_for_lock
+from pipelines.presets import student_spec
 
-STUDENT = StudentGrid("TransAgent-Tiny-CLIP", None, image_size=32, patch_size=8, width=64, layers=3)
+STUDENT = student_spec("tiny")
 
 
 def dino_job(root, keys=6, views=2, batch=4, dtype="float16"):

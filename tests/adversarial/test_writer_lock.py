@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cache_schema import AgentCache, ArraySpec, CacheError, CacheReader, cache_dir, verify
@@ -82,12 +81,7 @@ def write_lease(path, pid, host, age=0.0, text=None):
 
 # ---- item 1: gc between the last journaled row and `complete` --------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
