@@ -26,10 +26,12 @@ class ClickHandler(logging.Handler):
 
 
 def show_library_messages() -> None:
-    """Route INFO and above of our loggers to the terminal (WARNING and above on the ranks after the first)."""
+    """Show INFO and above of our loggers (WARNING and above on the ranks after the first) and other libraries'
+    warnings, once each: the handler sits on the root logger, so a library that calls `logging.basicConfig` (or
+    `logging.warning`, which does) adds no second copy of our lines, and pytest's caplog still sees every record."""
     level = logging.INFO if os.environ.get("RANK", "0") in ("", "0") else logging.WARNING
     for name in LOGGERS:
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        if not any(isinstance(handler, ClickHandler) for handler in logger.handlers):
-            logger.addHandler(ClickHandler())
+        logging.getLogger(name).setLevel(level)
+    root = logging.getLogger()
+    if not any(isinstance(handler, ClickHandler) for handler in root.handlers):
+        root.addHandler(ClickHandler())

@@ -224,8 +224,8 @@ def test_cli_prepare_reports_the_descriptions(mirror, tmp_path):
 
 @pytest.fixture
 def library_loggers():
-    """Leave the `extract` and `pipelines` loggers as they were."""
-    saved = {name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers)) for name in LOGGERS}
+    """Leave our loggers and the root logger as they were."""
+    saved = {name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers)) for name in (*LOGGERS, "")}
     yield
     for name, (level, handlers) in saved.items():
         logging.getLogger(name).setLevel(level)
@@ -240,6 +240,15 @@ def test_the_cli_shows_library_messages_on_the_first_rank_only(monkeypatch, caps
         logging.getLogger("extract.weights").warning("mae: pinned")
         out, err = capsys.readouterr()
         assert ("eurosat: downloading 2750/" in out) == shown and err.count("mae: pinned") == 1   # one handler
+
+
+def test_a_library_that_configures_logging_adds_no_second_copy_of_our_lines(capsys, library_loggers):
+    show_library_messages()
+    logging.warning("No pretrained weights loaded")   # as open_clip does: the root logger gets a default handler
+    logging.getLogger("pipelines.extract_run").info("  sd       done")
+    out, err = capsys.readouterr()
+    assert out.count("sd       done") == 1 and "INFO:" not in out + err
+    assert err.count("No pretrained weights loaded") == 1
 
 
 def test_make_extract_prepares_before_torchrun_starts():

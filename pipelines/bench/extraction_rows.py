@@ -51,7 +51,7 @@ from extract.runner import AgentJob, needed_rows, run_agent
 from pipelines.bench.harness import Spread
 from pipelines.bench.report import Result
 
-TARGET_MS_PER_ROW = 10.0          # issue 15: the per-row work outside the forward, for a ViT-B/16 vision row
+TARGET_MS_PER_ROW = 10.0          # the per-row work outside the forward, for a ViT-B/16 vision row
 LOADER_STAGES = ("decode", "view", "normalise")
 WRITER_STAGES = ("fp16", "hash", "write")
 
