@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -168,6 +168,7 @@ def stage_costs(runtime, job: AgentJob, root: Path, reps: int) -> tuple[dict[str
         cache.create_segments()
         with cache.segment_writer(segment) as writer, stage("write"):
             writer.write(local, stored)
+        shutil.rmtree(cache.path)   # its pages are dropped, not written back: later writes find no dirty backlog
         for measured in (times, cpu):
             measured["write"][-1] -= measured["hash"][-1]     # SegmentWriter.write hashes as it writes
     return {name: values[1:] for name, values in times.items()}, {name: values[1:] for name, values in cpu.items()}
@@ -191,10 +192,10 @@ def extraction_vs_forward(runtime, job: AgentJob, root: Path, reps: int) -> dict
     ordered = needed_rows(job)
     batches = [vision.prepare(runtime, ordered[start:start + job.ctx.batch_size], job.ctx)[0]
                for start in range(0, len(ordered), job.ctx.batch_size)]
-    calls, computing = itertools.count(), []
+    computing = []
 
     def extract():
-        report = run_agent(job, root / f"cache-{next(calls)}", progress=False)
+        report = run_agent(job, root, progress=False)
         if report.status != "done" or report.rows != len(ordered):
             raise RuntimeError(f"the benchmark extraction did not write its {len(ordered)} rows: {report}")
         computing.append(report.compute_seconds)
@@ -204,7 +205,7 @@ def extraction_vs_forward(runtime, job: AgentJob, root: Path, reps: int) -> dict
             for pixels in batches:
                 runtime.block_outputs(pixels)
 
-    seconds = interleaved({"extract": extract, "forward": forward}, reps)
+    seconds = interleaved({"extract": extract, "forward": forward}, reps, after=lambda: shutil.rmtree(root, True))
     steady = [b / a for a, b in zip(computing[1:], seconds["forward"], strict=True)]
     whole = [b / a for a, b in zip(seconds["extract"], seconds["forward"], strict=True)]
     return {"steady": {**spread(steady), "ratios": steady}, "whole_run": {**spread(whole), "ratios": whole},
@@ -212,18 +213,21 @@ def extraction_vs_forward(runtime, job: AgentJob, root: Path, reps: int) -> dict
             "forward_seconds": seconds["forward"], "rows": len(ordered)}
 
 
-def interleaved(runs: dict, reps: int) -> dict[str, list[float]]:
+def interleaved(runs: dict, reps: int, after=lambda: None) -> dict[str, list[float]]:
     """Seconds per call of each variant: one warm-up call each, then `reps` rounds in order, reversed on odd
-    rounds (A B, B A, ...), so a machine that slows down slows both sides of each round's ratio."""
+    rounds (A B, B A, ...), so a machine that slows down slows both sides of each round's ratio. `after` runs,
+    untimed, after every call."""
     names = list(runs)
     for name in names:
         runs[name]()
+        after()
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_number in range(reps):
         for name in names if round_number % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
+            after()
     return times
 
 
