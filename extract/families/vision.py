@@ -193,7 +193,9 @@ def normalise_bytes(pixels: np.ndarray, runtime):
     [0, 1], looked up per byte (`pixel_table`)."""
     import torch
 
-    index = pixels.astype(np.intp) * 3 + np.arange(3)   # (value, channel) in the table
+    index = pixels.astype(np.intp)   # -> (value, channel) in the table, in place: no temporaries to fault in
+    index *= 3
+    index += np.arange(3)
     normalised = np.take(pixel_table(runtime.mean, runtime.std, runtime.pixel_scale), index)
     return torch.from_numpy(normalised).permute(0, 3, 1, 2)
 
