@@ -154,7 +154,7 @@ def extraction_results(device: str, extraction: dict) -> list[Result]:
     return [Result(3, "extract_vs_forward", "extract images/s (dino) / bare forward images/s",
                    spread.median, "x", ">= 0.9", device,
                    f"{overhead_ms:.0f} ms of CPU work per row around the forward: image decoding and cropping, "
-                   "token normalisation, the fp16 conversion (numpy astype), sha256 checksums and writes of "
+                   "token normalisation, the fp16 cast (torch, on the writer thread), sha256 checksums and writes of "
                    f"{extraction['row_bytes'] / 1e6:.2g} MB rows, and per-run costs (creating and finalising the "
                    f"cache, freeing the agent) over {rows} rows; " +
                    ("the GPU forward is fast next to this CPU work" if device.startswith("cuda") else
