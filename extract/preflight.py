@@ -17,7 +17,7 @@ import torch
 from cache_schema.fingerprint import sha256_file
 from extract.loading import recording
 from extract.runner import MemoryMonitor, current_rss, family_module
-from extract.runner import _empty_device_cache as empty_device_cache
+from extract.runner import empty_device_cache
 
 BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")

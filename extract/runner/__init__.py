@@ -16,4 +16,3 @@ __all__ = [
     "current_rss", "drop_keys", "explain", "family_module", "image_keys", "is_complete", "local_weights", "log",
     "needed_rows", "planned_path", "run", "run_agent", "unreadable_images", "empty_device_cache",
 ]
-_empty_device_cache = empty_device_cache   # the name extract.preflight imports
